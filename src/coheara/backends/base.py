@@ -1,0 +1,123 @@
+"""The one small interface every runtime implements, and the neutral types it speaks.
+
+A backend maps a `ChatRequest` to its wire format and its client library's
+errors to `coheara.errors`; it knows nothing of tasks, budgets or HTTP callers.
+Messages reaching a backend already follow the Gemma rules (no system turn,
+user and model alternating, the last one from the user).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from coheara.imaging import PreparedImage
+
+Role = Literal["user", "assistant"]
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Role
+    text: str
+    images: tuple[PreparedImage, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Greedy by default: the clinical recommendation for a drafting model."""
+
+    max_tokens: int = 1024
+    temperature: float = 0.0
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    messages: tuple[Message, ...]
+    options: GenerationOptions = field(default_factory=GenerationOptions)
+    json_schema: dict[str, Any] | None = None
+    """When set, the backend constrains decoding to this (already bounded) schema if it can."""
+
+    @property
+    def images(self) -> tuple[PreparedImage, ...]:
+        return tuple(image for message in self.messages for image in message.images)
+
+
+FinishReason = Literal["stop", "length", "cancelled", "degenerate"]
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """A text delta, or (with `done`) the closing event carrying the backend's counts."""
+
+    text: str = ""
+    done: bool = False
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int | None = None
+    output_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    backend: str
+    model: str
+    vision: bool
+    context_length: int
+    constrained_decoding: bool
+    exact_token_count: bool
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Health:
+    ok: bool
+    backend: str
+    detail: str
+    version: str | None = None
+
+
+class Backend(ABC):
+    """A runtime. Subclasses implement `stream`, `capabilities`, `health`."""
+
+    name: str = "backend"
+    model: str = ""
+
+    @abstractmethod
+    def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        """Yield text deltas then exactly one `done` event. Closing the iterator cancels."""
+
+    @abstractmethod
+    async def capabilities(self) -> Capabilities:
+        """Read once per model and cached by the implementation."""
+
+    @abstractmethod
+    async def health(self) -> Health:
+        """Cheap liveness: never raises."""
+
+    def count_prompt_tokens(self, request: ChatRequest) -> int | None:
+        """Exact prompt size where a tokenizer is at hand, else None."""
+        return None
+
+    @property
+    def context_window(self) -> int | None:
+        """The window this deployment runs with, where the backend fixes one (Ollama's num_ctx)."""
+        return None
+
+    async def chat(self, request: ChatRequest) -> tuple[str, StreamEvent]:
+        """Non-streaming convenience: the whole text and the closing event."""
+        parts: list[str] = []
+        final = StreamEvent(done=True, finish_reason="stop")
+        async for event in self.stream(request):
+            parts.append(event.text)
+            if event.done:
+                final = event
+        return "".join(parts), final
+
+    async def aclose(self) -> None:
+        """Release connections or models."""

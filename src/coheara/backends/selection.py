@@ -1,0 +1,139 @@
+"""Which backend serves a request: named explicitly, or `auto`.
+
+`auto` prefers an Ollama that has the model, then a configured local
+Transformers model, and otherwise says how to get either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from coheara.backends.base import Backend, Capabilities, ChatRequest, Health, StreamEvent
+from coheara.errors import BackendUnavailableError, CohearaError, ConfigurationError
+from coheara.settings import Settings
+
+
+def create_backend(
+    settings: Settings, *, model: str | None = None, url: str | None = None
+) -> Backend:
+    name = settings.backend
+    model = model or settings.model
+    if name == "ollama":
+        from coheara.backends.ollama import OllamaBackend
+
+        return OllamaBackend(
+            url=url or settings.ollama_url,
+            model=model or settings.ollama_model,
+            num_ctx=settings.num_ctx,
+            timeout_s=settings.timeout_s,
+            connect_timeout_s=settings.connect_timeout_s,
+            keep_alive=settings.ollama_keep_alive,
+        )
+    if name == "openai":
+        from coheara.backends.openai_compat import OpenAIBackend
+
+        return OpenAIBackend(
+            base_url=url or settings.openai_url,
+            model=model or settings.openai_model,
+            api_key=settings.openai_api_key.get_secret_value(),
+            context_length=settings.openai_context_length,
+            timeout_s=settings.timeout_s,
+            connect_timeout_s=settings.connect_timeout_s,
+        )
+    if name == "transformers":
+        path = model or settings.transformers_model
+        if not path:
+            raise ConfigurationError(
+                "no Transformers model configured",
+                hint="pass --model PATH or set COHEARA_TRANSFORMERS_MODEL to a local weights folder",
+            )
+        try:
+            from coheara.backends.transformers_backend import TransformersBackend
+        except ImportError:
+            raise ConfigurationError(
+                "the Transformers backend needs the optional dependencies",
+                hint="pip install 'coheara[transformers]' (with torch pinned for your platform)",
+            ) from None
+        return TransformersBackend(
+            path,
+            device=settings.transformers_device,
+            dtype=settings.transformers_dtype,
+            allow_download=settings.allow_download,
+        )
+    return AutoBackend(settings, model=model, url=url)
+
+
+class AutoBackend(Backend):
+    """Resolves to a concrete backend on first use, then delegates to it."""
+
+    name = "auto"
+
+    def __init__(self, settings: Settings, *, model: str | None, url: str | None) -> None:
+        self._settings = settings
+        self._model = model
+        self._url = url
+        self._chosen: Backend | None = None
+
+    async def resolve(self) -> Backend:
+        if self._chosen is not None:
+            return self._chosen
+        reasons: list[str] = []
+        ollama = create_backend(
+            self._settings.model_copy(update={"backend": "ollama"}), model=self._model,
+            url=self._url,
+        )
+        health = await ollama.health()
+        if health.ok:
+            try:
+                await ollama.capabilities()
+                self._chosen = ollama
+                return ollama
+            except CohearaError as exc:
+                reasons.append(f"Ollama at {self._settings.ollama_url}: {exc}")
+        else:
+            reasons.append(f"Ollama at {self._settings.ollama_url}: {health.detail}")
+        await ollama.aclose()
+        if self._settings.transformers_model or (self._model and not self._url):
+            local = create_backend(
+                self._settings.model_copy(update={"backend": "transformers"}), model=self._model
+            )
+            self._chosen = local
+            return local
+        reasons.append("no local Transformers model configured (COHEARA_TRANSFORMERS_MODEL)")
+        raise BackendUnavailableError(
+            "no backend available: " + "; ".join(reasons),
+            hint=(
+                f"start Ollama and run `ollama pull {self._settings.ollama_model}`, or set "
+                "COHEARA_TRANSFORMERS_MODEL to a local MedGemma folder"
+            ),
+        )
+
+    @property
+    def model(self) -> str:  # type: ignore[override]
+        return self._chosen.model if self._chosen else (self._model or "")
+
+    @property
+    def context_window(self) -> int | None:
+        return self._chosen.context_window if self._chosen else None
+
+    def count_prompt_tokens(self, request: ChatRequest) -> int | None:
+        return self._chosen.count_prompt_tokens(request) if self._chosen else None
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:  # type: ignore[override]
+        backend = await self.resolve()
+        async for event in backend.stream(request):
+            yield event
+
+    async def capabilities(self) -> Capabilities:
+        return await (await self.resolve()).capabilities()
+
+    async def health(self) -> Health:
+        try:
+            backend = await self.resolve()
+        except CohearaError as exc:
+            return Health(False, "auto", str(exc))
+        return await backend.health()
+
+    async def aclose(self) -> None:
+        if self._chosen is not None:
+            await self._chosen.aclose()

@@ -1,0 +1,138 @@
+"""Gemma chat rules: no system turn, alternating roles, hidden reasoning stripped."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from coheara import model_facts
+from coheara.backends.base import Message
+from coheara.errors import InvalidRequestError
+from coheara.imaging import PreparedImage
+
+InputRole = Literal["system", "user", "assistant"]
+
+
+@dataclass(frozen=True)
+class InputMessage:
+    """A caller's message, before the Gemma rules are applied."""
+
+    role: InputRole
+    text: str
+    images: tuple[PreparedImage, ...] = ()
+
+
+def to_gemma_turns(messages: Sequence[InputMessage]) -> tuple[Message, ...]:
+    """Fold system text into the first user turn and merge same-role neighbours.
+
+    Gemma has no system role: the system text and a blank line go in front of the
+    first user turn. Consecutive messages of one role are joined with a blank line
+    (the chat template rejects them otherwise); the conversation must end on a user turn.
+    """
+    system_parts = [m.text for m in messages if m.role == "system" and m.text.strip()]
+    if any(m.images for m in messages if m.role == "system"):
+        raise InvalidRequestError("images are not allowed in a system message")
+    turns: list[Message] = []
+    for message in messages:
+        if message.role == "system":
+            continue
+        if turns and turns[-1].role == message.role:
+            last = turns[-1]
+            text = "\n\n".join(t for t in (last.text, message.text) if t)
+            turns[-1] = Message(last.role, text, last.images + message.images)
+        else:
+            turns.append(Message(message.role, message.text, message.images))
+    if not turns or turns[0].role != "user":
+        if turns and turns[0].role == "assistant":
+            raise InvalidRequestError("the conversation must start with a user message")
+        raise InvalidRequestError("the request has no user message")
+    if turns[-1].role != "user":
+        raise InvalidRequestError("the conversation must end with a user message")
+    if not any(t.text.strip() or t.images for t in turns if t.role == "user"):
+        raise InvalidRequestError("the user message is empty")
+    if system_parts:
+        first = turns[0]
+        system = "\n\n".join(system_parts)
+        turns[0] = Message("user", f"{system}\n\n{first.text}", first.images)
+    return tuple(turns)
+
+
+_REASONING = re.compile(
+    re.escape(model_facts.REASONING_OPEN) + r".*?(?:" + re.escape(model_facts.REASONING_CLOSE)
+    + r"|\Z)",
+    re.DOTALL,
+)
+
+
+def strip_reasoning(text: str) -> tuple[str, int]:
+    """Remove `<unused94>thought ... <unused95>` blocks; return the answer and chars removed."""
+    if model_facts.REASONING_OPEN not in text:
+        return text, 0
+    answer = _REASONING.sub("", text)
+    return answer.lstrip(), len(text) - len(answer.lstrip())
+
+
+class ReasoningFilter:
+    """Streaming counterpart of `strip_reasoning`: holds back text inside a thought block."""
+
+    def __init__(self) -> None:
+        self._pending = ""
+        self._inside = False
+        self._strip_leading = False
+        self.hidden_chars = 0
+
+    def feed(self, delta: str) -> str:
+        opener, closer = model_facts.REASONING_OPEN, model_facts.REASONING_CLOSE
+        self._pending += delta
+        out: list[str] = []
+        while self._pending:
+            marker = closer if self._inside else opener
+            at = self._pending.find(marker)
+            if at >= 0:
+                if self._inside:
+                    self.hidden_chars += at
+                else:
+                    out.append(self._pending[:at])
+                self.hidden_chars += len(marker)
+                self._pending = self._pending[at + len(marker) :]
+                self._inside = not self._inside
+                self._strip_leading = not self._inside
+                continue
+            # No whole marker: keep back a tail that could be the start of one.
+            keep = next(
+                (
+                    k
+                    for k in range(min(len(marker) - 1, len(self._pending)), 0, -1)
+                    if marker.startswith(self._pending[-k:])
+                ),
+                0,
+            )
+            cut = len(self._pending) - keep
+            ready, self._pending = self._pending[:cut], self._pending[cut:]
+            if self._inside:
+                self.hidden_chars += len(ready)
+            else:
+                out.append(ready)
+            break
+        return self._emit("".join(out))
+
+    def _emit(self, text: str) -> str:
+        if self._strip_leading and text:
+            stripped = text.lstrip()
+            self.hidden_chars += len(text) - len(stripped)
+            text = stripped
+            self._strip_leading = not text
+        return text
+
+    def flush(self) -> str:
+        rest, self._pending = self._pending, ""
+        if self._inside:
+            self.hidden_chars += len(rest)
+            return ""
+        return self._emit(rest)
+
+
+def joined_text(messages: Iterable[Message]) -> str:
+    return "\n".join(m.text for m in messages)

@@ -1,0 +1,399 @@
+"""The engine: three inference modes over any backend, with the budget and the guards.
+
+Every surface (Python API, CLI, each HTTP dialect) calls `Engine.stream`, so
+the Gemma rules, the context budget, the degeneration guard and structured
+output validation apply to all of them alike.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel
+
+from coheara import model_facts
+from coheara.backends.base import Backend, Capabilities, ChatRequest, GenerationOptions, Message
+from coheara.engine.budget import TokenEstimator, check_fits, check_not_truncated
+from coheara.engine.chat_format import InputMessage, ReasoningFilter, to_gemma_turns
+from coheara.engine.guard import RepetitionGuard
+from coheara.engine.result import ExtractionResult, GenerationResult, StreamChunk
+from coheara.engine.schema import OutputSchema, Problem
+from coheara.errors import (
+    BackendError,
+    InvalidRequestError,
+    OutputValidationError,
+    UnsupportedCapabilityError,
+)
+from coheara.imaging import PreparedImage, load_image
+from coheara.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from coheara.engine.sync import SyncEngine
+
+ImageInput = str | Path | bytes | np.ndarray | Image.Image | PreparedImage
+SchemaInput = dict[str, Any] | type[BaseModel]
+
+JSON_INSTRUCTION = (
+    "Reply with one JSON value only, no prose and no Markdown, that matches this JSON Schema:\n"
+)
+
+
+@dataclass
+class _Attempt:
+    """What one backend call produced, before it becomes a result."""
+
+    text: str = ""
+    finish_reason: str = "stop"
+    prompt_tokens: int | None = None
+    output_tokens: int | None = None
+    first_token_at: float | None = None
+    reasoning_chars: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+class Engine:
+    """Run MedGemma in text, image + text and structured-extraction modes.
+
+    Build it from a backend, or from the configuration with `Engine.from_config`.
+    All methods are async; `Engine.sync()` gives a blocking twin for scripts.
+    """
+
+    def __init__(self, backend: Backend, settings: Settings | None = None) -> None:
+        self.backend = backend
+        self.settings = settings or load_settings()
+        self._estimator = TokenEstimator()
+        self._capabilities: Capabilities | None = None
+
+    @classmethod
+    def from_config(
+        cls,
+        *,
+        backend: str | None = None,
+        model: str | None = None,
+        url: str | None = None,
+        settings: Settings | None = None,
+    ) -> Engine:
+        """An engine for the configured backend; explicit arguments win over the settings."""
+        from coheara.backends.selection import create_backend
+
+        settings = settings or load_settings()
+        if backend is not None:
+            settings = settings.model_copy(update={"backend": backend})
+        return cls(create_backend(settings, model=model, url=url), settings)
+
+    def sync(self) -> SyncEngine:
+        from coheara.engine.sync import SyncEngine
+
+        return SyncEngine(self)
+
+    async def aclose(self) -> None:
+        await self.backend.aclose()
+
+    async def __aenter__(self) -> Engine:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def capabilities(self) -> Capabilities:
+        if self._capabilities is None:
+            self._capabilities = await self.backend.capabilities()
+        return self._capabilities
+
+    # ----- public modes -------------------------------------------------------------
+
+    async def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        system: str | None = None,
+        images: Sequence[ImageInput] = (),
+        messages: Sequence[InputMessage] | None = None,
+        options: GenerationOptions | None = None,
+        max_tokens: int | None = None,
+    ) -> GenerationResult:
+        """Modes 1 and 2: text (and images) in, text out."""
+        result: GenerationResult | None = None
+        async for chunk in self.stream(
+            prompt, system=system, images=images, messages=messages, options=options,
+            max_tokens=max_tokens,
+        ):
+            result = chunk.result or result
+        assert result is not None
+        return result
+
+    async def extract(
+        self,
+        prompt: str | None = None,
+        *,
+        schema: SchemaInput,
+        system: str | None = None,
+        images: Sequence[ImageInput] = (),
+        messages: Sequence[InputMessage] | None = None,
+        options: GenerationOptions | None = None,
+        max_tokens: int | None = None,
+    ) -> ExtractionResult:
+        """Mode 3: a schema-valid object, or `OutputValidationError` after the repair retries."""
+        result: GenerationResult | None = None
+        async for chunk in self.stream(
+            prompt, system=system, images=images, messages=messages, schema=schema,
+            options=options, max_tokens=max_tokens,
+        ):
+            result = chunk.result or result
+        assert isinstance(result, ExtractionResult)
+        return result
+
+    async def stream(
+        self,
+        prompt: str | None = None,
+        *,
+        system: str | None = None,
+        images: Sequence[ImageInput] = (),
+        messages: Sequence[InputMessage] | None = None,
+        schema: SchemaInput | None = None,
+        options: GenerationOptions | None = None,
+        max_tokens: int | None = None,
+    ) -> AsyncIterator[StreamChunk]:
+        """Every mode, streaming: text deltas, then one chunk whose `result` is set."""
+        conversation = self._conversation(prompt, system, images, messages)
+        options = self._options(options, max_tokens)
+        output_schema = OutputSchema.build(schema) if schema is not None else None
+        turns = to_gemma_turns(conversation)
+        if output_schema is not None:
+            turns = _with_schema_instruction(turns, output_schema)
+        request = ChatRequest(
+            turns, options, output_schema.schema if output_schema is not None else None
+        )
+        capabilities = await self._check_capabilities(request)
+        if output_schema is None:
+            async for chunk in self._stream_text(request, capabilities):
+                yield chunk
+        else:
+            async for chunk in self._stream_structured(request, capabilities, output_schema):
+                yield chunk
+
+    # ----- building the request -------------------------------------------------------
+
+    def _conversation(
+        self,
+        prompt: str | None,
+        system: str | None,
+        images: Sequence[ImageInput],
+        messages: Sequence[InputMessage] | None,
+    ) -> list[InputMessage]:
+        prepared = tuple(
+            load_image(image, label=f"image {i + 1}") for i, image in enumerate(images)
+        )
+        conversation: list[InputMessage] = []
+        if system:
+            conversation.append(InputMessage("system", system))
+        conversation.extend(messages or ())
+        if prompt is not None or prepared:
+            conversation.append(InputMessage("user", prompt or "", prepared))
+        if not conversation:
+            raise InvalidRequestError("nothing to send: give a prompt or messages")
+        return conversation
+
+    def _options(self, options: GenerationOptions | None, max_tokens: int | None) -> (
+        GenerationOptions
+    ):
+        options = options or GenerationOptions(max_tokens=self.settings.max_output_tokens)
+        if max_tokens is not None:
+            options = replace(options, max_tokens=max_tokens)
+        if options.max_tokens < 1:
+            raise InvalidRequestError("max_tokens must be at least 1")
+        if options.max_tokens > model_facts.MAX_OUTPUT_TOKENS:
+            options = replace(options, max_tokens=model_facts.MAX_OUTPUT_TOKENS)
+        if options.temperature < 0:
+            raise InvalidRequestError("temperature must not be negative")
+        return options
+
+    async def _check_capabilities(self, request: ChatRequest) -> Capabilities:
+        capabilities = await self.capabilities()
+        if request.images and not capabilities.vision:
+            raise UnsupportedCapabilityError(
+                f"model {capabilities.model} on {capabilities.backend} cannot read images "
+                "(it has no vision capability); the request was not sent",
+                hint=capabilities.details.get("vision_hint")
+                or "configure a vision-capable MedGemma build",
+            )
+        return capabilities
+
+    def _window(self, capabilities: Capabilities) -> int:
+        return self.backend.context_window or capabilities.context_length
+
+    # ----- running it -----------------------------------------------------------------
+
+    async def _attempt(
+        self, request: ChatRequest, capabilities: Capabilities, state: _Attempt, number: int
+    ) -> AsyncIterator[StreamChunk]:
+        """One backend call: budget, stream with reasoning filter and guard, truncation check."""
+        window = self._window(capabilities)
+        size = self._estimator.measure(request, self.backend.count_prompt_tokens(request))
+        check_fits(size, request.options.max_tokens, window)
+        reasoning = ReasoningFilter()
+        guard = RepetitionGuard() if self.settings.guard_enabled else None
+        visible: list[str] = []
+        stream = self.backend.stream(request)
+        try:
+            async for event in stream:
+                if event.text and state.first_token_at is None:
+                    state.first_token_at = time.perf_counter()
+                shown = reasoning.feed(event.text)
+                if event.done:
+                    shown += reasoning.flush()
+                if shown:
+                    visible.append(shown)
+                    loop = guard.feed(shown) if guard else None
+                    if loop is not None:
+                        text = "".join(visible)
+                        state.text = text[: loop.start + loop.period]
+                        state.finish_reason = "degenerate"
+                        state.warnings.append(
+                            f"generation stopped: a {loop.period}-character unit repeated "
+                            f"from character {loop.start}"
+                        )
+                        yield StreamChunk(text=shown, attempt=number)
+                        break
+                    yield StreamChunk(text=shown, attempt=number)
+                if event.done:
+                    state.text = "".join(visible)
+                    state.finish_reason = event.finish_reason or "stop"
+                    state.prompt_tokens = event.prompt_tokens
+                    state.output_tokens = event.output_tokens
+                    break
+            else:
+                raise BackendError(f"{self.backend.name} ended the stream without finishing it")
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+        state.reasoning_chars += reasoning.hidden_chars
+        if reasoning.hidden_chars:
+            state.warnings.append(
+                f"hidden reasoning stripped ({reasoning.hidden_chars} characters)"
+            )
+        if state.finish_reason != "degenerate":
+            check_not_truncated(size, state.prompt_tokens, self.backend.context_window)
+            if state.prompt_tokens is not None:
+                self._estimator.observe(size, state.prompt_tokens)
+        if state.prompt_tokens is None:
+            state.prompt_tokens = size.tokens
+        if state.finish_reason == "length":
+            state.warnings.append("output reached max_tokens: the draft may be cut short")
+
+    def _result(
+        self,
+        cls: type[GenerationResult],
+        state: _Attempt,
+        started: float,
+        attempts: int,
+        prompt_exact: bool,
+        capabilities: Capabilities,
+        **extra: Any,
+    ) -> Any:
+        total = time.perf_counter() - started
+        output_tokens = state.output_tokens
+        if output_tokens is None:
+            output_tokens = max(1, len(state.text) // 4) if state.text else 0
+        decode_time = total - ((state.first_token_at or started) - started)
+        return cls(
+            text=state.text,
+            finish_reason=state.finish_reason,
+            prompt_tokens=state.prompt_tokens or 0,
+            prompt_tokens_exact=prompt_exact,
+            output_tokens=output_tokens,
+            time_to_first_token_s=(
+                state.first_token_at - started if state.first_token_at is not None else None
+            ),
+            total_s=total,
+            tokens_per_s=output_tokens / decode_time if decode_time > 0 and output_tokens else None,
+            backend=capabilities.backend,
+            model=capabilities.model,
+            reasoning_chars=state.reasoning_chars,
+            attempts=attempts,
+            warnings=state.warnings,
+            **extra,
+        )
+
+    async def _stream_text(
+        self, request: ChatRequest, capabilities: Capabilities
+    ) -> AsyncIterator[StreamChunk]:
+        started = time.perf_counter()
+        state = _Attempt()
+        async for chunk in self._attempt(request, capabilities, state, 1):
+            yield chunk
+        exact = capabilities.exact_token_count or state.output_tokens is not None
+        yield StreamChunk(
+            result=self._result(GenerationResult, state, started, 1, exact, capabilities)
+        )
+
+    async def _stream_structured(
+        self, request: ChatRequest, capabilities: Capabilities, schema: OutputSchema
+    ) -> AsyncIterator[StreamChunk]:
+        started = time.perf_counter()
+        attempts = 1 + self.settings.extract_retries
+        warnings: list[str] = []
+        problems: list[Problem] = []
+        state = _Attempt()
+        for number in range(1, attempts + 1):
+            state = _Attempt(first_token_at=state.first_token_at, warnings=warnings)
+            async for chunk in self._attempt(request, capabilities, state, number):
+                yield chunk
+            value, problems = _check_output(schema, state)
+            if not problems:
+                exact = capabilities.exact_token_count or state.output_tokens is not None
+                yield StreamChunk(
+                    result=self._result(
+                        ExtractionResult, state, started, number, exact, capabilities,
+                        value=value,
+                    )
+                )
+                return
+            warnings.append(
+                f"attempt {number} invalid: " + "; ".join(p.redacted() for p in problems[:3])
+            )
+            request = _repair_request(request, state.text, problems)
+        raise OutputValidationError(
+            f"the model's output did not match the schema after {attempts} attempt(s): "
+            + "; ".join(p.redacted() for p in problems[:5]),
+            hint="simplify the schema or raise COHEARA_EXTRACT_RETRIES",
+            problems=[p.redacted() for p in problems],
+        )
+
+
+def _check_output(schema: OutputSchema, state: _Attempt) -> tuple[Any, list[Problem]]:
+    if state.finish_reason == "degenerate":
+        return None, [Problem("(root)", "repetition", "the output repeated itself in a loop")]
+    if state.finish_reason == "length":
+        return None, [
+            Problem("(root)", "length", "the output was cut at max_tokens; be much shorter")
+        ]
+    return schema.validate(state.text)
+
+
+def _with_schema_instruction(
+    turns: tuple[Message, ...], schema: OutputSchema
+) -> tuple[Message, ...]:
+    last = turns[-1]
+    text = f"{last.text}\n\n{JSON_INSTRUCTION}{json.dumps(schema.schema, separators=(',', ':'))}"
+    return (*turns[:-1], Message("user", text.strip(), last.images))
+
+
+def _repair_request(request: ChatRequest, output: str, problems: list[Problem]) -> ChatRequest:
+    """Show the model its own reply and what was wrong with it, once per retry."""
+    listing = "\n".join(f"- {p.path}: {p.message}" for p in problems[:10])
+    fix = Message(
+        "user",
+        "Your reply did not match the schema:\n"
+        f"{listing}\nReply again with the corrected JSON only.",
+    )
+    original = request.messages
+    messages = (*original, Message("assistant", output[:4000] or "(empty)"), fix)
+    return replace(request, messages=messages)
+

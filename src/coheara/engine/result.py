@@ -1,0 +1,44 @@
+"""What every call returns: the output and its evidence."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class GenerationResult(BaseModel):
+    """A draft and how it was made. Token counts are the backend's where it reports them."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    text: str
+    finish_reason: str = Field(description="stop, length, cancelled or degenerate")
+    prompt_tokens: int
+    prompt_tokens_exact: bool = Field(description="counted by a tokenizer or the backend")
+    output_tokens: int
+    time_to_first_token_s: float | None
+    total_s: float
+    tokens_per_s: float | None
+    backend: str
+    model: str
+    reasoning_chars: int = Field(0, description="hidden reasoning stripped from the text")
+    attempts: int = 1
+    warnings: list[str] = Field(default_factory=list)
+
+
+class ExtractionResult(GenerationResult):
+    """Structured extraction: `value` is schema-valid (a model instance for a Pydantic schema)."""
+
+    value: Any
+
+
+class StreamChunk(BaseModel):
+    """A visible text delta; the last chunk carries the whole result instead."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    text: str = ""
+    attempt: int = 1
+    """Structured extraction restarts on a repair retry: a new attempt number says so."""
+    result: GenerationResult | None = None

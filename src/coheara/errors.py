@@ -1,0 +1,135 @@
+"""Every error Coheara raises, grouped by what the caller can do about it.
+
+Each class carries its HTTP status, its CLI exit code and a stable machine code,
+so the server and the CLI map an error once, here, and never invent their own.
+Messages never contain patient text: they state numbers, model ids and fixes.
+
+    CohearaError                      exit 1   500
+    ├── ConfigurationError            exit 3   500  fix the settings
+    ├── InvalidRequestError           exit 4   400  fix the request
+    │   ├── ImageError                exit 4   400
+    │   ├── UnsupportedCapabilityError exit 4  400  e.g. image to a text-only model
+    │   └── ContextOverflowError      exit 5   400  shorten the input or raise the window
+    │       └── SilentTruncationError exit 5   400  the backend dropped part of the prompt
+    ├── ModelNotFoundError            exit 6   404  pull or configure the model
+    ├── BackendUnavailableError       exit 7   503  start the runtime, or retry later
+    │   └── BackendOverloadedError    exit 7   503  its queue is full: retry later
+    ├── BackendTimeoutError           exit 8   504
+    ├── BackendError                  exit 9   502  the runtime failed
+    └── OutputError                   exit 10  502  the model's output was unusable
+        ├── OutputValidationError     exit 10  502  invalid after the repair retries
+        └── DegenerateOutputError     exit 10  502  the model looped
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class CohearaError(Exception):
+    """Root of the tree; `str(error)` is the one line a user sees."""
+
+    http_status: ClassVar[int] = 500
+    exit_code: ClassVar[int] = 1
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, *, hint: str | None = None, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.details = details
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.code, "message": str(self)}
+        if self.details:
+            body["details"] = self.details
+        return body
+
+
+class ConfigurationError(CohearaError):
+    exit_code = 3
+    code = "configuration_error"
+
+
+class InvalidRequestError(CohearaError):
+    http_status = 400
+    exit_code = 4
+    code = "invalid_request"
+
+
+class ImageError(InvalidRequestError):
+    code = "invalid_image"
+
+
+class UnsupportedCapabilityError(InvalidRequestError):
+    code = "unsupported_capability"
+
+
+class ContextOverflowError(InvalidRequestError):
+    exit_code = 5
+    code = "context_length_exceeded"
+
+
+class SilentTruncationError(ContextOverflowError):
+    code = "prompt_truncated"
+
+
+class ModelNotFoundError(CohearaError):
+    http_status = 404
+    exit_code = 6
+    code = "model_not_found"
+
+
+class BackendUnavailableError(CohearaError):
+    http_status = 503
+    exit_code = 7
+    code = "backend_unavailable"
+
+
+class BackendOverloadedError(BackendUnavailableError):
+    code = "backend_overloaded"
+
+
+class BackendTimeoutError(CohearaError):
+    http_status = 504
+    exit_code = 8
+    code = "backend_timeout"
+
+
+class BackendError(CohearaError):
+    http_status = 502
+    exit_code = 9
+    code = "backend_error"
+
+
+class OutputError(CohearaError):
+    http_status = 502
+    exit_code = 10
+    code = "output_error"
+
+
+class OutputValidationError(OutputError):
+    code = "output_invalid"
+
+
+class DegenerateOutputError(OutputError):
+    code = "output_degenerate"
+
+
+EXIT_CODES: dict[str, int] = {
+    cls.__name__: cls.exit_code
+    for cls in (
+        CohearaError,
+        ConfigurationError,
+        InvalidRequestError,
+        ContextOverflowError,
+        ModelNotFoundError,
+        BackendUnavailableError,
+        BackendTimeoutError,
+        BackendError,
+        OutputError,
+    )
+}

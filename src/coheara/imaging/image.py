@@ -1,0 +1,133 @@
+"""The neutral decoded image: 896x896 RGB uint8, as the Gemma 3 processor would make it."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from coheara import model_facts
+from coheara.errors import ImageError
+
+MAX_IMAGE_BYTES = 64 * 1024 * 1024
+MAX_IMAGE_PIXELS = 50_000 * 50_000 // 4
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedImage:
+    """Pixels ready for the model; `source` is a non-identifying label (never a file name)."""
+
+    pixels: np.ndarray
+    source: str = "image"
+    _png: list[bytes] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        side = model_facts.IMAGE_SIZE
+        if self.pixels.shape != (side, side, 3) or self.pixels.dtype != np.uint8:
+            raise ImageError(
+                f"prepared image must be {side}x{side}x3 uint8, got "
+                f"{'x'.join(map(str, self.pixels.shape))} {self.pixels.dtype}"
+            )
+
+    def to_pil(self) -> Image.Image:
+        return Image.fromarray(self.pixels, mode="RGB")
+
+    def png_bytes(self) -> bytes:
+        """Encoded once, then reused by every wire that needs it."""
+        if not self._png:
+            buffer = io.BytesIO()
+            self.to_pil().save(buffer, format="PNG")
+            self._png.append(buffer.getvalue())
+        return self._png[0]
+
+    def base64_png(self) -> str:
+        return base64.b64encode(self.png_bytes()).decode("ascii")
+
+    def data_uri(self) -> str:
+        return "data:image/png;base64," + self.base64_png()
+
+
+def _from_pil(image: Image.Image, source: str) -> PreparedImage:
+    side = model_facts.IMAGE_SIZE
+    if image.width == 0 or image.height == 0:
+        raise ImageError("image has zero size")
+    rgb = image.convert("RGB")
+    if rgb.size != (side, side):
+        # Square resize without keeping the aspect ratio, bilinear: what the Gemma 3
+        # image processor does, so every runtime sees the same pixels.
+        rgb = rgb.resize((side, side), Image.Resampling.BILINEAR)
+    return PreparedImage(np.asarray(rgb, dtype=np.uint8).copy(), source=source)
+
+
+def load_image(
+    source: str | Path | bytes | np.ndarray | Image.Image | PreparedImage,
+    *,
+    label: str = "image",
+) -> PreparedImage:
+    """Decode a file path, raw bytes, a base64 string or data URI, an array or a PIL image."""
+    if isinstance(source, PreparedImage):
+        return source
+    if isinstance(source, Image.Image):
+        return _from_pil(source, label)
+    if isinstance(source, np.ndarray):
+        array = source
+        if array.ndim == 2:
+            array = np.stack([array] * 3, axis=-1)
+        if array.ndim != 3 or array.shape[-1] not in (3, 4) or array.size == 0:
+            raise ImageError("array image must be HxW, HxWx3 or HxWx4")
+        if array.dtype != np.uint8:
+            lo, hi = float(array.min()), float(array.max())
+            scale = 255.0 / (hi - lo) if hi > lo else 0.0
+            array = ((array.astype(np.float64) - lo) * scale).round().astype(np.uint8)
+        return _from_pil(Image.fromarray(array[..., :3]), label)
+    if isinstance(source, Path):
+        try:
+            if source.stat().st_size > MAX_IMAGE_BYTES:
+                raise ImageError(f"image file is larger than {MAX_IMAGE_BYTES} bytes")
+            data = source.read_bytes()
+        except FileNotFoundError:
+            raise ImageError("image file not found", hint="check the path") from None
+        except IsADirectoryError:
+            raise ImageError("image path is a folder, not a file") from None
+        except OSError as exc:
+            raise ImageError(f"cannot read image file: {exc.strerror}") from None
+        return _decode_bytes(data, label)
+    if isinstance(source, str):
+        text = source.strip()
+        if text.startswith("data:"):
+            text = text.split(",", 1)[-1]
+        elif len(text) < 4096 and Path(text).exists():
+            return load_image(Path(text), label=label)
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise ImageError("image is neither a readable file nor valid base64") from None
+        return _decode_bytes(data, label)
+    if isinstance(source, bytes | bytearray | memoryview):
+        return _decode_bytes(bytes(source), label)
+    raise ImageError(f"unsupported image input type {type(source).__name__}")
+
+
+def _decode_bytes(data: bytes, label: str) -> PreparedImage:
+    if not data:
+        raise ImageError("image is empty")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ImageError(f"image is larger than {MAX_IMAGE_BYTES} bytes")
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return _from_pil(image, label)
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        if isinstance(exc, Image.DecompressionBombError):
+            raise ImageError(f"image has more than {MAX_IMAGE_PIXELS} pixels") from None
+        raise ImageError("image is not in a supported format") from None
+    except (OSError, ValueError, SyntaxError):
+        raise ImageError("image data is truncated or corrupt") from None

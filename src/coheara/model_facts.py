@@ -1,0 +1,28 @@
+"""Facts about MedGemma 1.5 4B that the code must respect (DESIGN.md section 1)."""
+
+from __future__ import annotations
+
+CONTEXT_LENGTH = 131_072
+"""Trained context window, in tokens."""
+
+MAX_OUTPUT_TOKENS = 8_192
+"""Longest reply the model card allows."""
+
+IMAGE_SIZE = 896
+"""Every image is resized to a square of this side before the encoder."""
+
+IMAGE_SOFT_TOKENS = 256
+IMAGE_PROMPT_TOKENS = 260
+"""256 soft tokens plus begin/end-of-image markers and their newlines."""
+
+DEFAULT_OLLAMA_MODEL = "MedAIBase/MedGemma1.5:4b"
+"""The community build the founding spec names; Ollama lists it as text only."""
+
+VISION_OLLAMA_ALTERNATIVE = "dcarrascosa/medgemma-1.5-4b-it:Q8_0"
+"""Named in errors as a vision-capable build to pull instead."""
+
+DEFAULT_HF_MODEL = "google/medgemma-1.5-4b-it"
+
+REASONING_OPEN = "<unused94>"
+REASONING_CLOSE = "<unused95>"
+END_OF_TURN = "<end_of_turn>"

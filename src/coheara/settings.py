@@ -1,0 +1,135 @@
+"""All configuration, read once: `COHEARA_*` environment variables, then a TOML file.
+
+No other module reads the environment. Precedence, highest first: explicit
+arguments, environment, the TOML file (`COHEARA_CONFIG`, else
+`./coheara.toml`, else `~/.config/coheara/config.toml`), defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from coheara import model_facts
+
+BackendName = Literal["auto", "ollama", "openai", "transformers"]
+
+
+def normalize_ollama_host(value: str) -> str:
+    """Accept every form OLLAMA_HOST takes (`host`, `host:port`, `:port`, a URL)."""
+    value = value.strip().rstrip("/")
+    if "://" not in value:
+        value = "http://" + value
+    scheme, rest = value.split("://", 1)
+    host, _, port = rest.partition(":")
+    host = host or "127.0.0.1"
+    if host == "0.0.0.0":
+        host = "127.0.0.1"
+    if not port:
+        port = "11434"
+    return f"{scheme}://{host}:{port}"
+
+
+def config_file() -> Path | None:
+    explicit = os.environ.get("COHEARA_CONFIG")
+    if explicit:
+        return Path(explicit)
+    for candidate in (Path("coheara.toml"), Path.home() / ".config" / "coheara" / "config.toml"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+class Settings(BaseSettings):
+    """Every setting, typed. Environment variable names are `COHEARA_` + the field name."""
+
+    model_config = SettingsConfigDict(env_prefix="COHEARA_", extra="ignore")
+
+    backend: BackendName = "auto"
+    model: str | None = Field(
+        default=None, description="Model id or path for the chosen backend (else its default)."
+    )
+
+    ollama_url: str = Field(
+        default_factory=lambda: normalize_ollama_host(
+            os.environ.get("OLLAMA_HOST", "http://127.0.0.1:11434")
+        )
+    )
+    ollama_model: str = model_facts.DEFAULT_OLLAMA_MODEL
+    num_ctx: int = Field(
+        default=8192,
+        ge=512,
+        le=model_facts.CONTEXT_LENGTH,
+        description="Context window sent on every Ollama call; one value per deployment.",
+    )
+    ollama_keep_alive: str | None = None
+
+    openai_url: str = "http://127.0.0.1:8000/v1"
+    openai_model: str = model_facts.DEFAULT_HF_MODEL
+    openai_api_key: SecretStr = SecretStr("not-needed")
+    openai_context_length: int = Field(default=model_facts.CONTEXT_LENGTH, ge=512)
+
+    transformers_model: str | None = Field(
+        default=None, description="Local folder (or hub id, with allow_download) of the weights."
+    )
+    transformers_device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    transformers_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    allow_download: bool = False
+
+    max_output_tokens: int = Field(default=1024, ge=1, le=model_facts.MAX_OUTPUT_TOKENS)
+    timeout_s: float = Field(default=300.0, gt=0)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    extract_retries: int = Field(default=1, ge=0, le=5)
+    guard_enabled: bool = True
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=11435, ge=1, le=65535)
+
+    @field_validator("ollama_url")
+    @classmethod
+    def _normalize(cls, value: str) -> str:
+        return normalize_ollama_host(value)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = config_file()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings in force, with explicit (non-None) overrides on top."""
+    from pydantic import ValidationError
+
+    from coheara.errors import ConfigurationError
+
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**clean)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigurationError(
+            f"invalid setting {where}: {first['msg']}",
+            hint=f"check COHEARA_{where.upper()} or the config file {config_file() or '(none)'}",
+        ) from None
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read the config file: {exc.strerror}") from None
