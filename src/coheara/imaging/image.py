@@ -121,6 +121,8 @@ def _decode_bytes(data: bytes, label: str) -> PreparedImage:
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
         with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise ImageError(f"image has more than {MAX_IMAGE_PIXELS} pixels")
             image.load()
             return _from_pil(image, label)
     except ImageError:

@@ -1,0 +1,41 @@
+"""The `coheara` command line. Errors are one line on stderr with a documented exit code."""
+
+from __future__ import annotations
+
+import typer
+
+from coheara.cli.ask import ask
+from coheara.cli.common import err_console
+from coheara.cli.dev import dev_app
+from coheara.cli.doctor import doctor
+from coheara.cli.selftest import selftest
+from coheara.cli.serve import serve
+
+app = typer.Typer(
+    name="coheara",
+    help="Run MedGemma 1.5 4B on this site's hardware: every output a draft for a clinician.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.command()(ask)
+app.command()(serve)
+app.command()(selftest)
+app.command()(doctor)
+app.add_typer(dev_app, name="dev")
+
+
+def main() -> None:
+    try:
+        app()
+    except Exception as exc:  # the last line of defence: never a traceback for a user
+        # Only the type: an unexpected error's text may quote the input.
+        err_console.print(
+            f"[bold red]error:[/] internal error ({type(exc).__name__}); "
+            "please report it with the command you ran"
+        )
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

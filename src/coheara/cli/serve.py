@@ -1,0 +1,33 @@
+"""`coheara serve`: the engine behind native, OpenAI- and Ollama-compatible HTTP APIs."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from coheara.cli.common import BackendOption, ModelOption, UrlOption, err_console, guarded
+from coheara.cli.common import settings_for
+
+
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 11435).")] = None,
+    backend: BackendOption = None,
+    model: ModelOption = None,
+    url: UrlOption = None,
+) -> None:
+    """Serve the model over HTTP until interrupted."""
+    import uvicorn
+
+    from coheara.engine import Engine
+    from coheara.server.app import create_app
+
+    settings = settings_for(backend, host=host, port=port)
+    engine = guarded(lambda: Engine.from_config(model=model, url=url, settings=settings))
+    app = create_app(engine, settings)
+    err_console.print(
+        f"coheara serving {settings.backend} backend on http://{settings.host}:{settings.port} "
+        "(native /v1/generate, OpenAI /v1/chat/completions, Ollama /api/chat)"
+    )
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
