@@ -92,8 +92,9 @@ def test_streaming_filter_releases_a_false_marker_prefix() -> None:
 
 
 def _request(text: str, images: int = 0) -> ChatRequest:
-    from coheara.imaging import load_image
     import numpy as np
+
+    from coheara.imaging import load_image
 
     image = load_image(np.zeros((8, 8, 3), dtype=np.uint8))
     return ChatRequest((Message("user", text, (image,) * images),))

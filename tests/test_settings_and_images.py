@@ -109,7 +109,9 @@ def test_base64_and_data_uri_and_path_agree(tmp_path: Path) -> None:
     from_b64 = load_image(encoded)
     from_uri = load_image("data:image/png;base64," + encoded)
     from_path = load_image(path)
-    assert (from_b64.pixels == from_uri.pixels).all() and (from_b64.pixels == from_path.pixels).all()
+    assert (from_b64.pixels == from_uri.pixels).all() and (
+        from_b64.pixels == from_path.pixels
+    ).all()
     assert load_image(from_b64.png_bytes()).pixels.tolist() == from_b64.pixels.tolist()
 
 

@@ -9,7 +9,7 @@ user and model alternating, the last one from the user).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -89,7 +89,7 @@ class Backend(ABC):
     model: str = ""
 
     @abstractmethod
-    def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+    def stream(self, request: ChatRequest) -> AsyncGenerator[StreamEvent, None]:
         """Yield text deltas then exactly one `done` event. Closing the iterator cancels."""
 
     @abstractmethod
@@ -119,5 +119,5 @@ class Backend(ABC):
                 final = event
         return "".join(parts), final
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 (optional hook, not abstract)
         """Release connections or models."""

@@ -6,7 +6,8 @@ Transformers model, and otherwise says how to get either.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 
 from coheara.backends.base import Backend, Capabilities, ChatRequest, Health, StreamEvent
 from coheara.errors import BackendUnavailableError, CohearaError, ConfigurationError
@@ -45,7 +46,7 @@ def create_backend(
         if not path:
             raise ConfigurationError(
                 "no Transformers model configured",
-                hint="pass --model PATH or set COHEARA_TRANSFORMERS_MODEL to a local weights folder",
+                hint="pass --model PATH or set COHEARA_TRANSFORMERS_MODEL to a weights folder",
             )
         try:
             from coheara.backends.transformers_backend import TransformersBackend
@@ -79,7 +80,8 @@ class AutoBackend(Backend):
             return self._chosen
         reasons: list[str] = []
         ollama = create_backend(
-            self._settings.model_copy(update={"backend": "ollama"}), model=self._model,
+            self._settings.model_copy(update={"backend": "ollama"}),
+            model=self._model,
             url=self._url,
         )
         health = await ollama.health()
@@ -119,10 +121,12 @@ class AutoBackend(Backend):
     def count_prompt_tokens(self, request: ChatRequest) -> int | None:
         return self._chosen.count_prompt_tokens(request) if self._chosen else None
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:  # type: ignore[override]
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamEvent, None]:
         backend = await self.resolve()
-        async for event in backend.stream(request):
-            yield event
+        events = backend.stream(request)
+        async with aclosing(events):
+            async for event in events:
+                yield event
 
     async def capabilities(self) -> Capabilities:
         return await (await self.resolve()).capabilities()

@@ -28,18 +28,24 @@ BackendOption = Annotated[
 ]
 ModelOption = Annotated[
     str | None,
-    typer.Option("--model", "-m", help="Model id (Ollama/OpenAI) or weights folder (Transformers)."),
+    typer.Option(
+        "--model", "-m", help="Model id (Ollama/OpenAI) or weights folder (Transformers)."
+    ),
 ]
 UrlOption = Annotated[
     str | None,
-    typer.Option("--url", help="Server URL for the ollama or openai backend (OLLAMA_HOST honoured)."),
+    typer.Option(
+        "--url", help="Server URL for the ollama or openai backend (OLLAMA_HOST honoured)."
+    ),
 ]
 
 
 def settings_for(backend: str | None, **overrides: Any) -> Settings:
     if backend is not None and backend not in ("auto", "ollama", "openai", "transformers"):
-        fail(CohearaError(f"unknown backend {backend!r}: use ollama, openai, transformers or auto"),
-             code=2)
+        fail(
+            CohearaError(f"unknown backend {backend!r}: use ollama, openai, transformers or auto"),
+            code=2,
+        )
     return load_settings(backend=backend, **overrides)
 
 

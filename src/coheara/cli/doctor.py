@@ -49,8 +49,9 @@ async def _probe_http(name: str, backend: Backend, needs_vision_hint: bool) -> l
                 )
             )
         except CohearaError as exc:
-            findings.append(Finding(f"{name} model {backend.model}", False, exc.message,
-                                    exc.hint or ""))
+            findings.append(
+                Finding(f"{name} model {backend.model}", False, exc.message, exc.hint or "")
+            )
     await backend.aclose()
     return findings
 
@@ -73,15 +74,23 @@ def _transformers_findings(settings: Settings) -> list[Finding]:
     path = settings.transformers_model
     if not path:
         findings.append(
-            Finding("local weights", False, "none configured",
-                    "set COHEARA_TRANSFORMERS_MODEL to a MedGemma folder")
+            Finding(
+                "local weights",
+                False,
+                "none configured",
+                "set COHEARA_TRANSFORMERS_MODEL to a MedGemma folder",
+            )
         )
     elif Path(path).is_dir():
         findings.append(Finding("local weights", True, f"folder {path}"))
     else:
         findings.append(
-            Finding("local weights", False, f"{path} is not a folder",
-                    "download the weights once on a connected machine and copy the folder")
+            Finding(
+                "local weights",
+                False,
+                f"{path} is not a folder",
+                "download the weights once on a connected machine and copy the folder",
+            )
         )
     return findings
 
@@ -107,16 +116,24 @@ def doctor(backend: BackendOption = None, model: ModelOption = None, url: UrlOpt
     async def probe() -> list[Finding]:
         ollama = OllamaBackend(
             url=url if url and settings.backend in ("ollama", "auto") else settings.ollama_url,
-            model=ollama_model, num_ctx=settings.num_ctx, timeout_s=10, connect_timeout_s=3,
+            model=ollama_model,
+            num_ctx=settings.num_ctx,
+            timeout_s=10,
+            connect_timeout_s=3,
             keep_alive=None,
         )
         openai = OpenAIBackend(
             base_url=url if url and settings.backend == "openai" else settings.openai_url,
-            model=openai_model, api_key=settings.openai_api_key.get_secret_value(),
-            context_length=settings.openai_context_length, timeout_s=10, connect_timeout_s=3,
+            model=openai_model,
+            api_key=settings.openai_api_key.get_secret_value(),
+            context_length=settings.openai_context_length,
+            timeout_s=10,
+            connect_timeout_s=3,
         )
-        return [*await _probe_http("Ollama", ollama, True),
-                *await _probe_http("OpenAI-compatible", openai, False)]
+        return [
+            *await _probe_http("Ollama", ollama, True),
+            *await _probe_http("OpenAI-compatible", openai, False),
+        ]
 
     findings = asyncio.run(probe())
     findings.extend(_transformers_findings(settings))
@@ -126,8 +143,12 @@ def doctor(backend: BackendOption = None, model: ModelOption = None, url: UrlOpt
     for column in ("check", "status", "detail", "what to do"):
         table.add_column(column)
     for finding in findings:
-        table.add_row(finding.what, "[green]ok[/]" if finding.ok else "[red]problem[/]",
-                      finding.detail, finding.fix)
+        table.add_row(
+            finding.what,
+            "[green]ok[/]" if finding.ok else "[red]problem[/]",
+            finding.detail,
+            finding.fix,
+        )
     console.print(table)
 
     prefix = {"ollama": "Ollama", "openai": "OpenAI-compatible", "transformers": ""}

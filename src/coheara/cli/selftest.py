@@ -136,15 +136,23 @@ async def _run_selftest(directory: Path) -> list[Check]:
             (
                 "server, ollama client",
                 OllamaBackend(
-                    url=url, model="medgemma", num_ctx=settings.num_ctx, timeout_s=120,
-                    connect_timeout_s=5, keep_alive=None,
+                    url=url,
+                    model="medgemma",
+                    num_ctx=settings.num_ctx,
+                    timeout_s=120,
+                    connect_timeout_s=5,
+                    keep_alive=None,
                 ),
             ),
             (
                 "server, openai client",
                 OpenAIBackend(
-                    base_url=url + "/v1", model="medgemma", api_key="selftest",
-                    context_length=settings.num_ctx, timeout_s=120, connect_timeout_s=5,
+                    base_url=url + "/v1",
+                    model="medgemma",
+                    api_key="selftest",
+                    context_length=settings.num_ctx,
+                    timeout_s=120,
+                    connect_timeout_s=5,
                 ),
             ),
         ]

@@ -6,8 +6,14 @@ from typing import Annotated
 
 import typer
 
-from coheara.cli.common import BackendOption, ModelOption, UrlOption, err_console, guarded
-from coheara.cli.common import settings_for
+from coheara.cli.common import (
+    BackendOption,
+    ModelOption,
+    UrlOption,
+    err_console,
+    guarded,
+    settings_for,
+)
 
 
 def serve(

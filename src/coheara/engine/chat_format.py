@@ -60,7 +60,9 @@ def to_gemma_turns(messages: Sequence[InputMessage]) -> tuple[Message, ...]:
 
 
 _REASONING = re.compile(
-    re.escape(model_facts.REASONING_OPEN) + r".*?(?:" + re.escape(model_facts.REASONING_CLOSE)
+    re.escape(model_facts.REASONING_OPEN)
+    + r".*?(?:"
+    + re.escape(model_facts.REASONING_CLOSE)
     + r"|\Z)",
     re.DOTALL,
 )

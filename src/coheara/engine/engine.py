@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -122,7 +123,11 @@ class Engine:
         """Modes 1 and 2: text (and images) in, text out."""
         result: GenerationResult | None = None
         async for chunk in self.stream(
-            prompt, system=system, images=images, messages=messages, options=options,
+            prompt,
+            system=system,
+            images=images,
+            messages=messages,
+            options=options,
             max_tokens=max_tokens,
         ):
             result = chunk.result or result
@@ -143,8 +148,13 @@ class Engine:
         """Mode 3: a schema-valid object, or `OutputValidationError` after the repair retries."""
         result: GenerationResult | None = None
         async for chunk in self.stream(
-            prompt, system=system, images=images, messages=messages, schema=schema,
-            options=options, max_tokens=max_tokens,
+            prompt,
+            system=system,
+            images=images,
+            messages=messages,
+            schema=schema,
+            options=options,
+            max_tokens=max_tokens,
         ):
             result = chunk.result or result
         assert isinstance(result, ExtractionResult)
@@ -172,11 +182,14 @@ class Engine:
             turns, options, output_schema.schema if output_schema is not None else None
         )
         capabilities = await self._check_capabilities(request)
-        if output_schema is None:
-            async for chunk in self._stream_text(request, capabilities):
-                yield chunk
-        else:
-            async for chunk in self._stream_structured(request, capabilities, output_schema):
+        inner = (
+            self._stream_text(request, capabilities)
+            if output_schema is None
+            else self._stream_structured(request, capabilities, output_schema)
+        )
+        # aclosing: a caller that stops early must stop the backend now, not at GC time.
+        async with aclosing(inner):
+            async for chunk in inner:
                 yield chunk
 
     # ----- building the request -------------------------------------------------------
@@ -201,9 +214,9 @@ class Engine:
             raise InvalidRequestError("nothing to send: give a prompt or messages")
         return conversation
 
-    def _options(self, options: GenerationOptions | None, max_tokens: int | None) -> (
-        GenerationOptions
-    ):
+    def _options(
+        self, options: GenerationOptions | None, max_tokens: int | None
+    ) -> GenerationOptions:
         options = options or GenerationOptions(max_tokens=self.settings.max_output_tokens)
         if max_tokens is not None:
             options = replace(options, max_tokens=max_tokens)
@@ -242,7 +255,7 @@ class Engine:
         guard = RepetitionGuard() if self.settings.guard_enabled else None
         visible: list[str] = []
         stream = self.backend.stream(request)
-        try:
+        async with aclosing(stream):
             async for event in stream:
                 if event.text and state.first_token_at is None:
                     state.first_token_at = time.perf_counter()
@@ -271,8 +284,6 @@ class Engine:
                     break
             else:
                 raise BackendError(f"{self.backend.name} ended the stream without finishing it")
-        finally:
-            await stream.aclose()  # type: ignore[attr-defined]
         state.reasoning_chars += reasoning.hidden_chars
         if reasoning.hidden_chars:
             state.warnings.append(
@@ -326,8 +337,9 @@ class Engine:
     ) -> AsyncIterator[StreamChunk]:
         started = time.perf_counter()
         state = _Attempt()
-        async for chunk in self._attempt(request, capabilities, state, 1):
-            yield chunk
+        async with aclosing(self._attempt(request, capabilities, state, 1)) as attempt:
+            async for chunk in attempt:
+                yield chunk
         exact = capabilities.exact_token_count or state.output_tokens is not None
         yield StreamChunk(
             result=self._result(GenerationResult, state, started, 1, exact, capabilities)
@@ -343,14 +355,20 @@ class Engine:
         state = _Attempt()
         for number in range(1, attempts + 1):
             state = _Attempt(first_token_at=state.first_token_at, warnings=warnings)
-            async for chunk in self._attempt(request, capabilities, state, number):
-                yield chunk
+            async with aclosing(self._attempt(request, capabilities, state, number)) as attempt:
+                async for chunk in attempt:
+                    yield chunk
             value, problems = _check_output(schema, state)
             if not problems:
                 exact = capabilities.exact_token_count or state.output_tokens is not None
                 yield StreamChunk(
                     result=self._result(
-                        ExtractionResult, state, started, number, exact, capabilities,
+                        ExtractionResult,
+                        state,
+                        started,
+                        number,
+                        exact,
+                        capabilities,
                         value=value,
                     )
                 )
@@ -396,4 +414,3 @@ def _repair_request(request: ChatRequest, output: str, problems: list[Problem]) 
     original = request.messages
     messages = (*original, Message("assistant", output[:4000] or "(empty)"), fix)
     return replace(request, messages=messages)
-

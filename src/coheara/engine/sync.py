@@ -31,10 +31,10 @@ class SyncEngine:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     def generate(self, prompt: str | None = None, **kwargs: Any) -> GenerationResult:
-        return self._run(self.engine.generate(prompt, **kwargs))  # type: ignore[no-any-return]
+        return self._run(self.engine.generate(prompt, **kwargs))
 
     def extract(self, prompt: str | None = None, **kwargs: Any) -> ExtractionResult:
-        return self._run(self.engine.extract(prompt, **kwargs))  # type: ignore[no-any-return]
+        return self._run(self.engine.extract(prompt, **kwargs))
 
     def stream(self, prompt: str | None = None, **kwargs: Any) -> Iterator[StreamChunk]:
         """Chunks as they come; breaking out of the loop cancels the generation."""
