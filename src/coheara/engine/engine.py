@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -170,7 +170,7 @@ class Engine:
         schema: SchemaInput | None = None,
         options: GenerationOptions | None = None,
         max_tokens: int | None = None,
-    ) -> AsyncIterator[StreamChunk]:
+    ) -> AsyncGenerator[StreamChunk, None]:
         """Every mode, streaming: text deltas, then one chunk whose `result` is set."""
         conversation = self._conversation(prompt, system, images, messages)
         options = self._options(options, max_tokens)
@@ -246,7 +246,7 @@ class Engine:
 
     async def _attempt(
         self, request: ChatRequest, capabilities: Capabilities, state: _Attempt, number: int
-    ) -> AsyncIterator[StreamChunk]:
+    ) -> AsyncGenerator[StreamChunk, None]:
         """One backend call: budget, stream with reasoning filter and guard, truncation check."""
         window = self._window(capabilities)
         size = self._estimator.measure(request, self.backend.count_prompt_tokens(request))
@@ -334,7 +334,7 @@ class Engine:
 
     async def _stream_text(
         self, request: ChatRequest, capabilities: Capabilities
-    ) -> AsyncIterator[StreamChunk]:
+    ) -> AsyncGenerator[StreamChunk, None]:
         started = time.perf_counter()
         state = _Attempt()
         async with aclosing(self._attempt(request, capabilities, state, 1)) as attempt:
@@ -347,7 +347,7 @@ class Engine:
 
     async def _stream_structured(
         self, request: ChatRequest, capabilities: Capabilities, schema: OutputSchema
-    ) -> AsyncIterator[StreamChunk]:
+    ) -> AsyncGenerator[StreamChunk, None]:
         started = time.perf_counter()
         attempts = 1 + self.settings.extract_retries
         warnings: list[str] = []
