@@ -89,6 +89,9 @@ class Settings(BaseSettings):
     timeout_s: float = Field(default=300.0, gt=0)
     connect_timeout_s: float = Field(default=5.0, gt=0)
     extract_retries: int = Field(default=1, ge=0, le=5)
+    extract_field_fallback: bool = Field(
+        default=True, description="After failed retries, ask for one top-level field at a time."
+    )
     guard_enabled: bool = True
 
     host: str = "127.0.0.1"

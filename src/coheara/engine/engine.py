@@ -55,6 +55,8 @@ class _Attempt:
     prompt_tokens: int | None = None
     output_tokens: int | None = None
     first_token_at: float | None = None
+    prompt_exact: bool = False
+    """Counted by a tokenizer or reported by the backend, not estimated."""
     reasoning_chars: int = 0
     warnings: list[str] = field(default_factory=list)
 
@@ -176,16 +178,11 @@ class Engine:
         options = self._options(options, max_tokens)
         output_schema = OutputSchema.build(schema) if schema is not None else None
         turns = to_gemma_turns(conversation)
-        if output_schema is not None:
-            turns = _with_schema_instruction(turns, output_schema)
-        request = ChatRequest(
-            turns, options, output_schema.schema if output_schema is not None else None
-        )
-        capabilities = await self._check_capabilities(request)
+        capabilities = await self._check_capabilities(turns)
         inner = (
-            self._stream_text(request, capabilities)
+            self._stream_text(ChatRequest(turns, options), capabilities)
             if output_schema is None
-            else self._stream_structured(request, capabilities, output_schema)
+            else self._stream_structured(turns, options, capabilities, output_schema)
         )
         # aclosing: a caller that stops early must stop the backend now, not at GC time.
         async with aclosing(inner):
@@ -228,9 +225,9 @@ class Engine:
             raise InvalidRequestError("temperature must not be negative")
         return options
 
-    async def _check_capabilities(self, request: ChatRequest) -> Capabilities:
+    async def _check_capabilities(self, turns: tuple[Message, ...]) -> Capabilities:
         capabilities = await self.capabilities()
-        if request.images and not capabilities.vision:
+        if any(t.images for t in turns) and not capabilities.vision:
             raise UnsupportedCapabilityError(
                 f"model {capabilities.model} on {capabilities.backend} cannot read images "
                 "(it has no vision capability); the request was not sent",
@@ -293,6 +290,7 @@ class Engine:
             check_not_truncated(size, state.prompt_tokens, self.backend.context_window)
             if state.prompt_tokens is not None:
                 self._estimator.observe(size, state.prompt_tokens)
+        state.prompt_exact = state.prompt_tokens is not None or size.exact
         if state.prompt_tokens is None:
             state.prompt_tokens = size.tokens
         if state.finish_reason == "length":
@@ -304,7 +302,6 @@ class Engine:
         state: _Attempt,
         started: float,
         attempts: int,
-        prompt_exact: bool,
         capabilities: Capabilities,
         **extra: Any,
     ) -> Any:
@@ -317,7 +314,7 @@ class Engine:
             text=state.text,
             finish_reason=state.finish_reason,
             prompt_tokens=state.prompt_tokens or 0,
-            prompt_tokens_exact=prompt_exact,
+            prompt_tokens_exact=state.prompt_exact,
             output_tokens=output_tokens,
             time_to_first_token_s=(
                 state.first_token_at - started if state.first_token_at is not None else None
@@ -340,18 +337,21 @@ class Engine:
         async with aclosing(self._attempt(request, capabilities, state, 1)) as attempt:
             async for chunk in attempt:
                 yield chunk
-        exact = capabilities.exact_token_count or state.output_tokens is not None
-        yield StreamChunk(
-            result=self._result(GenerationResult, state, started, 1, exact, capabilities)
-        )
+        yield StreamChunk(result=self._result(GenerationResult, state, started, 1, capabilities))
 
     async def _stream_structured(
-        self, request: ChatRequest, capabilities: Capabilities, schema: OutputSchema
+        self,
+        turns: tuple[Message, ...],
+        options: GenerationOptions,
+        capabilities: Capabilities,
+        schema: OutputSchema,
     ) -> AsyncGenerator[StreamChunk, None]:
+        """Constrained attempt, repair retries, then (for objects) one field at a time."""
         started = time.perf_counter()
         attempts = 1 + self.settings.extract_retries
         warnings: list[str] = []
         problems: list[Problem] = []
+        request = ChatRequest(_with_schema_instruction(turns, schema), options, schema.schema)
         state = _Attempt()
         for number in range(1, attempts + 1):
             state = _Attempt(first_token_at=state.first_token_at, warnings=warnings)
@@ -360,29 +360,101 @@ class Engine:
                     yield chunk
             value, problems = _check_output(schema, state)
             if not problems:
-                exact = capabilities.exact_token_count or state.output_tokens is not None
                 yield StreamChunk(
-                    result=self._result(
-                        ExtractionResult,
-                        state,
-                        started,
-                        number,
-                        exact,
-                        capabilities,
-                        value=value,
-                    )
+                    result=self._extraction(state, started, number, capabilities, value)
                 )
                 return
             warnings.append(
                 f"attempt {number} invalid: " + "; ".join(p.redacted() for p in problems[:3])
             )
             request = _repair_request(request, state.text, problems)
+        fields = _field_schemas(schema) if self.settings.extract_field_fallback else None
+        if fields is not None:
+            merged = _Attempt(first_token_at=state.first_token_at, warnings=warnings)
+            values: dict[str, Any] = {}
+            number = attempts
+            for name, field_schema in fields:
+                number += 1
+                part = _Attempt(warnings=warnings)
+                field_turns = _with_field_instruction(turns, name)
+                field_request = ChatRequest(
+                    _with_schema_instruction(field_turns, field_schema),
+                    options,
+                    field_schema.schema,
+                )
+                async with aclosing(
+                    self._attempt(field_request, capabilities, part, number)
+                ) as attempt:
+                    async for chunk in attempt:
+                        yield chunk
+                merged.prompt_tokens = (merged.prompt_tokens or 0) + (part.prompt_tokens or 0)
+                merged.prompt_exact = part.prompt_exact
+                merged.output_tokens = (merged.output_tokens or 0) + (part.output_tokens or 0)
+                value, field_problems = _check_output(field_schema, part)
+                if not field_problems and isinstance(value, dict) and name in value:
+                    values[name] = value[name]
+            merged.text = json.dumps(values, ensure_ascii=False)
+            value, problems = _check_output(schema, merged)
+            if not problems:
+                warnings.append(
+                    f"built one field at a time ({len(fields)} calls) after "
+                    f"{attempts} invalid attempt(s)"
+                )
+                yield StreamChunk(
+                    result=self._extraction(merged, started, number, capabilities, value)
+                )
+                return
         raise OutputValidationError(
-            f"the model's output did not match the schema after {attempts} attempt(s): "
+            f"the model's output did not match the schema after {attempts} attempt(s)"
+            + (" and field by field" if fields is not None else "")
+            + ": "
             + "; ".join(p.redacted() for p in problems[:5]),
             hint="simplify the schema or raise COHEARA_EXTRACT_RETRIES",
             problems=[p.redacted() for p in problems],
         )
+
+    def _extraction(
+        self,
+        state: _Attempt,
+        started: float,
+        attempts: int,
+        capabilities: Capabilities,
+        value: Any,
+    ) -> ExtractionResult:
+        return self._result(ExtractionResult, state, started, attempts, capabilities, value=value)
+
+
+MAX_FALLBACK_FIELDS = 16
+
+
+def _field_schemas(schema: OutputSchema) -> list[tuple[str, OutputSchema]] | None:
+    """One small schema per top-level property, for the field-at-a-time fallback."""
+    root = schema.schema
+    properties = root.get("properties")
+    if not isinstance(properties, dict) or not 0 < len(properties) <= MAX_FALLBACK_FIELDS:
+        return None
+    shared: dict[str, Any] = {k: root[k] for k in ("$defs", "definitions") if k in root}
+    return [
+        (
+            name,
+            OutputSchema(
+                {
+                    "type": "object",
+                    "properties": {name: sub},
+                    "required": [name],
+                    "additionalProperties": False,
+                    **shared,
+                }
+            ),
+        )
+        for name, sub in properties.items()
+    ]
+
+
+def _with_field_instruction(turns: tuple[Message, ...], name: str) -> tuple[Message, ...]:
+    last = turns[-1]
+    text = f"{last.text}\n\nGive only the field {json.dumps(name)}."
+    return (*turns[:-1], Message("user", text, last.images))
 
 
 def _check_output(schema: OutputSchema, state: _Attempt) -> tuple[Any, list[Problem]]:
