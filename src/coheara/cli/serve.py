@@ -31,7 +31,7 @@ def serve(
 
     settings = settings_for(backend, host=host, port=port)
     engine = guarded(lambda: Engine.from_config(model=model, url=url, settings=settings))
-    app = create_app(engine, settings)
+    app = create_app(engine, settings, close_engine=True)
     err_console.print(
         f"coheara serving {settings.backend} backend on http://{settings.host}:{settings.port} "
         "(native /v1/generate, OpenAI /v1/chat/completions, Ollama /api/chat)"

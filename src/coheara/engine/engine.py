@@ -7,6 +7,7 @@ output validation apply to all of them alike.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncGenerator, Sequence
@@ -237,7 +238,11 @@ class Engine:
         return capabilities
 
     def _window(self, capabilities: Capabilities) -> int:
-        return self.backend.context_window or capabilities.context_length
+        """The deployment's window, never more than the model was trained for."""
+        declared = self.backend.context_window
+        return (
+            min(declared, capabilities.context_length) if declared else capabilities.context_length
+        )
 
     # ----- running it -----------------------------------------------------------------
 
@@ -246,7 +251,9 @@ class Engine:
     ) -> AsyncGenerator[StreamChunk, None]:
         """One backend call: budget, stream with reasoning filter and guard, truncation check."""
         window = self._window(capabilities)
-        size = self._estimator.measure(request, self.backend.count_prompt_tokens(request))
+        # Tokenizing a long prompt with images takes a while: keep the event loop free.
+        exact = await asyncio.to_thread(self.backend.count_prompt_tokens, request)
+        size = self._estimator.measure(request, exact)
         check_fits(size, request.options.max_tokens, window)
         reasoning = ReasoningFilter()
         guard = RepetitionGuard() if self.settings.guard_enabled else None
@@ -287,7 +294,9 @@ class Engine:
                 f"hidden reasoning stripped ({reasoning.hidden_chars} characters)"
             )
         if state.finish_reason != "degenerate":
-            check_not_truncated(size, state.prompt_tokens, self.backend.context_window)
+            # Only a backend that fixes its window (Ollama) can silently fill and cut it.
+            fixed = window if self.backend.context_window else None
+            check_not_truncated(size, state.prompt_tokens, fixed)
             if state.prompt_tokens is not None:
                 self._estimator.observe(size, state.prompt_tokens)
         state.prompt_exact = state.prompt_tokens is not None or size.exact

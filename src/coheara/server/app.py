@@ -1,0 +1,230 @@
+"""`create_app`: one engine behind the native, OpenAI and Ollama dialects.
+
+Every route turns its wire format into an `EngineCall` and runs it through
+`Engine.stream`, so the context budget, the degeneration guard and schema
+validation apply to every dialect alike. Errors are mapped once, from
+`coheara.errors`, into each dialect's shape (`server/errors.py`).
+
+The app does not own the engine unless asked (`close_engine=True`): the CLI or
+a test that built it closes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel, Field, TypeAdapter
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from coheara import __version__
+from coheara.engine import Engine
+from coheara.errors import CohearaError
+from coheara.server import native, ollama_api, openai_api
+from coheara.server.common import ServerState
+from coheara.server.errors import (
+    ClientGone,
+    coheara_error_handler,
+    http_error_handler,
+    unexpected_error_handler,
+    validation_error_handler,
+)
+from coheara.settings import Settings
+
+MAX_BODY_BYTES = 256 * 1024 * 1024
+"""Room for several large base64 images (each decoded image is capped at 64 MiB)."""
+
+DESCRIPTION = """\
+Coheara runs MedGemma 1.5 4B on the site's own hardware and returns validated,
+traceable drafts for a clinician to review. Every dialect goes through the same
+engine: context budget, degeneration guard, structured-output validation.
+
+* **native**: `/v1/generate`, `/v1/extract`, with all the evidence.
+* **openai**: `/v1/chat/completions`, `/v1/models`.
+* **ollama**: `/api/chat`, `/api/generate`, `/api/tags`, `/api/show`, `/api/ps`,
+  `/api/version`.
+
+Accepted model ids: the backend's own id, the configured names
+(`COHEARA_MODEL`, `COHEARA_OLLAMA_MODEL`, `COHEARA_OPENAI_MODEL`) and
+`medgemma`; case and Ollama's `:latest` tag are ignored. Any other id is a 404.
+Sampling is greedy unless a request sets a temperature.
+"""
+
+TAGS = [
+    {"name": "native", "description": "The three modes with their evidence."},
+    {"name": "openai", "description": "OpenAI-compatible (the official client works unchanged)."},
+    {"name": "ollama", "description": "Ollama-compatible (the official client works unchanged)."},
+    {"name": "health", "description": "Liveness."},
+]
+
+
+class HealthReport(BaseModel):
+    status: Literal["ok", "unavailable"]
+    version: str = Field(description="Coheara's version.")
+    backend: str
+    backend_ok: bool
+    detail: str
+    backend_version: str | None = None
+
+
+def create_app(
+    engine: Engine,
+    settings: Settings | None = None,
+    *,
+    close_engine: bool = False,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> FastAPI:
+    """The HTTP server for `engine`; `settings` defaults to the engine's own.
+
+    With `close_engine` the app closes the engine (and its backend) at shutdown.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if close_engine:
+            await engine.aclose()
+
+    app = FastAPI(
+        title="Coheara",
+        version=__version__,
+        description=DESCRIPTION,
+        openapi_tags=TAGS,
+        lifespan=lifespan,
+    )
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.state.coheara = ServerState(engine, settings or engine.settings)
+    app.include_router(native.router)
+    app.include_router(openai_api.router)
+    app.include_router(ollama_api.router)
+    app.add_api_route(
+        "/healthz",
+        _healthz,
+        methods=["GET"],
+        response_model=HealthReport,
+        responses={503: {"model": HealthReport, "description": "The backend is not healthy"}},
+        tags=["health"],
+        summary="Liveness and backend health",
+    )
+    for method, listed in (("GET", True), ("HEAD", False)):
+        app.add_api_route(
+            "/",
+            _root,
+            methods=[method],
+            response_class=PlainTextResponse,
+            tags=["ollama"],
+            summary="Running probe (Ollama clients call it)",
+            include_in_schema=listed,
+        )
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(CohearaError, coheara_error_handler)
+    app.add_exception_handler(HTTPException, http_error_handler)
+    app.add_exception_handler(ClientGone, _client_gone)
+    app.add_exception_handler(Exception, unexpected_error_handler)
+    _document_streams(app)
+    return app
+
+
+class BodyLimit:
+    """Refuse a body over `max_bytes` with a 413 in the dialect's own error shape.
+
+    The limit is enforced while the body is read (FastAPI re-raises an `HTTPException`
+    raised there), so the app's error handlers shape the reply; a declared
+    Content-Length over the limit is refused before any byte is read.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        too_large = HTTPException(413, f"request body is larger than {self.max_bytes} bytes")
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                raise too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise too_large
+            return message
+
+        await self.app(scope, limited, send)
+
+
+async def _healthz(request: Request) -> JSONResponse:
+    """Cheap: the process answers, and the backend's own health check (bounded in time)."""
+    state: ServerState = request.app.state.coheara
+    backend = state.engine.backend
+    try:
+        health = await asyncio.wait_for(
+            backend.health(), timeout=state.settings.connect_timeout_s + 1
+        )
+        report = HealthReport(
+            status="ok" if health.ok else "unavailable",
+            version=__version__,
+            backend=health.backend,
+            backend_ok=health.ok,
+            detail=health.detail,
+            backend_version=health.version,
+        )
+    except TimeoutError:
+        report = HealthReport(
+            status="unavailable",
+            version=__version__,
+            backend=backend.name,
+            backend_ok=False,
+            detail="the backend's health check timed out",
+        )
+    return JSONResponse(report.model_dump(), status_code=200 if report.backend_ok else 503)
+
+
+async def _root() -> str:
+    return "Coheara is running (Ollama- and OpenAI-compatible)"
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    """Nobody is listening; 499 is what the access log shows (nginx's convention)."""
+    return Response(status_code=499)
+
+
+def _document_streams(app: FastAPI) -> None:
+    """Add the stream-line models that the routes reference but FastAPI cannot infer."""
+    extra: list[Any] = [native.NativeStreamLine, openai_api.ChatCompletionChunk]
+    names = ["NativeStreamLine", "ChatCompletionChunk"]
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        document = get_openapi(
+            title=app.title,
+            version=app.version,
+            description=app.description,
+            routes=app.routes,
+            tags=app.openapi_tags,
+        )
+        components = document.setdefault("components", {}).setdefault("schemas", {})
+        for name, item in zip(names, extra, strict=True):
+            schema = TypeAdapter(item).json_schema(ref_template="#/components/schemas/{model}")
+            for key, definition in schema.pop("$defs", {}).items():
+                components.setdefault(key, definition)
+            components.setdefault(name, schema)
+        app.openapi_schema = document
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]
