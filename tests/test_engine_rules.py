@@ -251,3 +251,8 @@ def test_bounded_schema_still_accepts_what_the_original_accepts() -> None:
     jsonschema.validate(document, original)
     jsonschema.validate(document, bounded)
     assert json.loads(json.dumps(bounded))["properties"]["s"]["maxLength"] == 2000
+
+
+def test_missing_required_field_is_named_without_values() -> None:
+    _, problems = OutputSchema.build(Vitals).validate('{"heart_rate": 80}')
+    assert [p.redacted() for p in problems] == ["rhythm: required"]

@@ -26,3 +26,15 @@ DEFAULT_HF_MODEL = "google/medgemma-1.5-4b-it"
 REASONING_OPEN = "<unused94>"
 REASONING_CLOSE = "<unused95>"
 END_OF_TURN = "<end_of_turn>"
+
+CONTROL_TOKENS = (
+    "<bos>",
+    "<eos>",
+    "<pad>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<start_of_image>",
+    "<end_of_image>",
+    "<image_soft_token>",
+)
+"""Markers that structure the prompt: text that carries one could forge a turn or an image."""

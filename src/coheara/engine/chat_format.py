@@ -31,6 +31,8 @@ def to_gemma_turns(messages: Sequence[InputMessage]) -> tuple[Message, ...]:
     first user turn. Consecutive messages of one role are joined with a blank line
     (the chat template rejects them otherwise); the conversation must end on a user turn.
     """
+    for message in messages:
+        _refuse_control_tokens(message.text)
     system_parts = [m.text for m in messages if m.role == "system" and m.text.strip()]
     if any(m.images for m in messages if m.role == "system"):
         raise InvalidRequestError("images are not allowed in a system message")
@@ -57,6 +59,16 @@ def to_gemma_turns(messages: Sequence[InputMessage]) -> tuple[Message, ...]:
         system = "\n\n".join(system_parts)
         turns[0] = Message("user", f"{system}\n\n{first.text}", first.images)
     return tuple(turns)
+
+
+def _refuse_control_tokens(text: str) -> None:
+    """Every runtime's template parses these in plain text: refuse, never pass them on."""
+    for token in model_facts.CONTROL_TOKENS:
+        if token in text:
+            raise InvalidRequestError(
+                f"the input contains the model's control token {token}",
+                hint="remove it: it would let text forge a chat turn or an image",
+            )
 
 
 _REASONING = re.compile(

@@ -403,8 +403,8 @@ class Engine:
                 if not field_problems and isinstance(value, dict) and name in value:
                     values[name] = value[name]
             merged.text = json.dumps(values, ensure_ascii=False)
-            value, problems = _check_output(schema, merged)
-            if not problems:
+            value, merged_problems = _check_output(schema, merged)
+            if not merged_problems:
                 warnings.append(
                     f"built one field at a time ({len(fields)} calls) after "
                     f"{attempts} invalid attempt(s)"

@@ -105,9 +105,19 @@ class OutputSchema:
             return None, [Problem("(root)", "json", f"not valid JSON: {exc.msg} at {exc.pos}")]
         validator = jsonschema.Draft202012Validator(self.schema)
         errors = sorted(validator.iter_errors(data), key=lambda e: [str(p) for p in e.path])
-        problems = [
-            Problem(_path(e.absolute_path), str(e.validator), e.message) for e in errors[:10]
-        ]
+        problems: list[Problem] = []
+        for error in errors[:10]:
+            if error.validator == "required" and isinstance(error.instance, dict):
+                # Name the missing field (schema text, not patient data) in the path.
+                problems.extend(
+                    Problem(_path([*error.absolute_path, name]), "required", error.message)
+                    for name in error.validator_value
+                    if name not in error.instance
+                )
+            else:
+                problems.append(
+                    Problem(_path(error.absolute_path), str(error.validator), error.message)
+                )
         if problems:
             return data, problems
         if self.model is not None:
