@@ -34,8 +34,9 @@ def test_system_text_is_folded_into_first_user_turn() -> None:
         ]
     )
     assert [t.role for t in turns] == ["user", "assistant", "user"]
-    assert turns[0].text == "Be brief.\n\nQuestion one"
-    assert turns[2].text == "Question two"
+    assert turns[0].system == "Be brief." and turns[0].text == "Question one"
+    assert turns[0].folded_text == "Be brief.\n\nQuestion one"
+    assert turns[2].text == "Question two" and turns[2].system == ""
 
 
 def test_consecutive_same_role_messages_are_merged() -> None:

@@ -432,8 +432,10 @@ async def test_engine_generates_text(
     assert result.text == REPLY
     assert (result.backend, result.model, result.finish_reason) == ("openai", MODEL, "stop")
     assert result.output_tokens == 9
+    # The server's Gemma template folds the system message in front of the first turn.
     assert fake.chat_bodies[0]["messages"] == [
-        {"role": "user", "content": "You are a radiologist.\n\nSummarize."}
+        {"role": "system", "content": "You are a radiologist."},
+        {"role": "user", "content": "Summarize."},
     ]
 
 

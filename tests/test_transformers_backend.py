@@ -197,7 +197,7 @@ async def test_prompt_is_the_gemma_format_and_counted_exactly(
     processor, _ = reference_model
     request = ChatRequest(
         (
-            Message("user", "Be brief.\n\nFirst question?"),
+            Message("user", "First question?", system="Be brief."),
             Message("assistant", "An answer."),
             Message("user", "Second question?"),
         ),
@@ -213,6 +213,18 @@ async def test_prompt_is_the_gemma_format_and_counted_exactly(
     assert backend.count_prompt_tokens(request) == exact
     _, final = await _collect(backend, request)
     assert final.prompt_tokens == exact  # one <bos>, not two
+
+
+async def test_system_text_goes_before_the_images_as_the_gemma_template_puts_it(
+    backend: TransformersBackend,
+) -> None:
+    request = ChatRequest(
+        (Message("user", "What is shown?", (_image(1),), system="You are a radiologist."),)
+    )
+    assert backend._render(request) == (
+        "<bos><start_of_turn>user\nYou are a radiologist.\n\n<start_of_image>What is shown?"
+        "<end_of_turn>\n<start_of_turn>model\n"
+    )
 
 
 async def test_an_image_adds_exactly_its_prompt_cost(backend: TransformersBackend) -> None:

@@ -2,8 +2,9 @@
 
 A backend maps a `ChatRequest` to its wire format and its client library's
 errors to `coheara.errors`; it knows nothing of tasks, budgets or HTTP callers.
-Messages reaching a backend already follow the Gemma rules (no system turn,
-user and model alternating, the last one from the user).
+Messages reaching a backend already follow the Gemma rules (user and model
+alternating, the last one from the user, the system text carried by the first
+user turn).
 """
 
 from __future__ import annotations
@@ -23,6 +24,14 @@ class Message:
     role: Role
     text: str
     images: tuple[PreparedImage, ...] = ()
+    system: str = ""
+    """The system text, on the first user turn only. Gemma has no system role: a chat
+    template folds it in front of the turn (before its images); a runtime that takes
+    the turn as plain text gets `folded_text`."""
+
+    @property
+    def folded_text(self) -> str:
+        return f"{self.system}\n\n{self.text}" if self.system else self.text
 
 
 @dataclass(frozen=True)

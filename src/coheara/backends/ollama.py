@@ -71,7 +71,7 @@ def redact_server_detail(detail: str, request: ChatRequest | None = None) -> str
     if len(detail) > _DETAIL_LIMIT:
         detail = detail[:_DETAIL_LIMIT] + "..."
     if request is not None and len(detail) >= _QUOTE_WINDOW:
-        texts = [" ".join(m.text.split()) for m in request.messages]
+        texts = [" ".join(m.folded_text.split()) for m in request.messages]
         texts = [text for text in texts if len(text) >= _QUOTE_WINDOW]
         for start in range(len(detail) - _QUOTE_WINDOW + 1):
             piece = detail[start : start + _QUOTE_WINDOW]
@@ -136,7 +136,7 @@ class OllamaBackend(Backend):
             wire_options["stop"] = list(options.stop)
         messages: list[dict[str, Any]] = []
         for message in request.messages:
-            entry: dict[str, Any] = {"role": message.role, "content": message.text}
+            entry: dict[str, Any] = {"role": message.role, "content": message.folded_text}
             if message.images:
                 # Ollama wants bare base64, no `data:` prefix.
                 entry["images"] = [image.base64_png() for image in message.images]

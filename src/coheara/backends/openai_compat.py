@@ -110,6 +110,9 @@ class OpenAIBackend(Backend):
         options = request.options
         messages: list[dict[str, Any]] = []
         for message in request.messages:
+            if message.system:
+                # The server's chat template folds it in front of the turn, images included.
+                messages.append({"role": "system", "content": message.system})
             if message.images:
                 # Images first, the text after them: the order Gemma's own examples use.
                 parts: list[dict[str, Any]] = [

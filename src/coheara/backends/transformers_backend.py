@@ -416,7 +416,12 @@ class TransformersBackend(Backend):
         placeholder = self._image_token()
         conversation: list[dict[str, Any]] = []
         for message in request.messages:
-            if placeholder in message.text:
+            if message.system:
+                # The chat template folds it in front of the first turn, before its images.
+                conversation.append(
+                    {"role": "system", "content": [{"type": "text", "text": message.system}]}
+                )
+            if placeholder in message.folded_text:
                 raise InvalidRequestError(
                     f"a message text contains the reserved image token {placeholder}",
                     hint="pass images as images, not as their placeholder token",

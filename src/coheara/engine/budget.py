@@ -61,7 +61,7 @@ class TokenEstimator:
         self._observed.append(size.text_chars / text_tokens)
 
     def measure(self, request: ChatRequest, exact: int | None) -> PromptSize:
-        chars = sum(len(m.text) for m in request.messages)
+        chars = sum(len(m.folded_text) for m in request.messages)
         images = len(request.images)
         overhead = PROMPT_OVERHEAD + TURN_OVERHEAD * len(request.messages)
         if exact is not None:

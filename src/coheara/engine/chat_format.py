@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from coheara import model_facts
@@ -25,11 +25,12 @@ class InputMessage:
 
 
 def to_gemma_turns(messages: Sequence[InputMessage]) -> tuple[Message, ...]:
-    """Fold system text into the first user turn and merge same-role neighbours.
+    """Put the system text on the first user turn and merge same-role neighbours.
 
     Gemma has no system role: the system text and a blank line go in front of the
-    first user turn. Consecutive messages of one role are joined with a blank line
-    (the chat template rejects them otherwise); the conversation must end on a user turn.
+    first user turn, before its images (`Message.system`). Consecutive messages of
+    one role are joined with a blank line (the chat template rejects them otherwise);
+    the conversation must end on a user turn.
     """
     for message in messages:
         _refuse_control_tokens(message.text)
@@ -55,9 +56,7 @@ def to_gemma_turns(messages: Sequence[InputMessage]) -> tuple[Message, ...]:
     if not any(t.text.strip() or t.images for t in turns if t.role == "user"):
         raise InvalidRequestError("the user message is empty")
     if system_parts:
-        first = turns[0]
-        system = "\n\n".join(system_parts)
-        turns[0] = Message("user", f"{system}\n\n{first.text}", first.images)
+        turns[0] = replace(turns[0], system="\n\n".join(system_parts))
     return tuple(turns)
 
 
@@ -146,7 +145,3 @@ class ReasoningFilter:
             self.hidden_chars += len(rest)
             return ""
         return self._emit(rest)
-
-
-def joined_text(messages: Iterable[Message]) -> str:
-    return "\n".join(m.text for m in messages)

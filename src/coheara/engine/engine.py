@@ -462,8 +462,10 @@ def _field_schemas(schema: OutputSchema) -> list[tuple[str, OutputSchema]] | Non
 
 def _with_field_instruction(turns: tuple[Message, ...], name: str) -> tuple[Message, ...]:
     last = turns[-1]
-    text = f"{last.text}\n\nGive only the field {json.dumps(name)}."
-    return (*turns[:-1], Message("user", text, last.images))
+    return (
+        *turns[:-1],
+        replace(last, text=f"{last.text}\n\nGive only the field {json.dumps(name)}."),
+    )
 
 
 def _check_output(schema: OutputSchema, state: _Attempt) -> tuple[Any, list[Problem]]:
@@ -481,7 +483,7 @@ def _with_schema_instruction(
 ) -> tuple[Message, ...]:
     last = turns[-1]
     text = f"{last.text}\n\n{JSON_INSTRUCTION}{json.dumps(schema.schema, separators=(',', ':'))}"
-    return (*turns[:-1], Message("user", text.strip(), last.images))
+    return (*turns[:-1], replace(last, text=text.strip()))
 
 
 def _repair_request(request: ChatRequest, output: str, problems: list[Problem]) -> ChatRequest:
