@@ -16,7 +16,8 @@ from pydantic import BaseModel, Field
 
 from coheara import Engine, GenerationOptions, Settings, model_facts
 from coheara.backends.base import ChatRequest, Message, StreamEvent
-from coheara.backends.ollama import OllamaBackend, redact_server_detail
+from coheara.backends.ollama import OllamaBackend
+from coheara.backends.remote_errors import redact_server_detail
 from coheara.errors import (
     BackendError,
     BackendOverloadedError,

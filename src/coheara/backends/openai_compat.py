@@ -24,7 +24,11 @@ from coheara.backends.base import (
     Health,
     StreamEvent,
 )
-from coheara.backends.ollama import HEALTH_TIMEOUT_S, is_context_overflow, redact_server_detail
+from coheara.backends.remote_errors import (
+    HEALTH_TIMEOUT_S,
+    is_context_overflow,
+    redact_server_detail,
+)
 from coheara.errors import (
     BackendError,
     BackendOverloadedError,
