@@ -1,10 +1,11 @@
 """Time to first token and the server's per-request overhead over the direct engine call.
 
 Runs the tiny random-weight model in process, then the same greedy request
-through `coheara serve` over loopback in each dialect (native NDJSON, OpenAI
-SSE, Ollama NDJSON), at 1 and 16 concurrent streams. The baseline (direct
-engine call) is measured in the same run. Medians, with p90 beside them: the
-machines are shared and noisy.
+through `coheara serve` (its own process, as deployed) over loopback in each
+dialect (native NDJSON, OpenAI SSE, Ollama NDJSON), at 1 and 16 concurrent
+streams. The baseline (direct engine call) is measured in the same run, and
+each row shows the output tokens it produced, so every path did the same work.
+Medians, with p90 beside them: the machines are shared and noisy.
 
     python bench/server_overhead.py [--rounds 5] [--max-tokens 32] [--concurrency 1 16]
 """
@@ -14,63 +15,82 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import torch
 from rich.console import Console
 from rich.table import Table
 
 from coheara import Engine, load_settings
 from coheara.backends.transformers_backend import TransformersBackend
 from coheara.dev.tiny_model import build_tiny_model
-from coheara.server.app import create_app
-from coheara.server.background import serve_in_thread
+from coheara.server.background import free_port
 
 PROMPT = "Draft a one-line handoff: 71-year-old, day 2 after hip replacement, pain controlled."
-Timing = tuple[float, float]  # (time to first token, total), seconds
+Timing = tuple[float, float, int]  # time to first token (s), total (s), output tokens
+LineReader = Callable[[str], tuple[bool, int | None]]  # line -> (carries text, output tokens)
 
 
 async def direct(engine: Engine, max_tokens: int) -> Timing:
     started = time.perf_counter()
     first = None
+    tokens = 0
     async for chunk in engine.stream(PROMPT, max_tokens=max_tokens):
         if chunk.text and first is None:
             first = time.perf_counter() - started
+        if chunk.result is not None:
+            tokens = chunk.result.output_tokens
     total = time.perf_counter() - started
-    return (first if first is not None else total), total
+    return (first if first is not None else total), total, tokens
 
 
 async def _lines(
-    client: httpx.AsyncClient, path: str, body: dict[str, object], is_token: Callable[[str], bool]
+    client: httpx.AsyncClient, path: str, body: dict[str, object], read: LineReader
 ) -> Timing:
     started = time.perf_counter()
     first = None
+    tokens = 0
     async with client.stream("POST", path, json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
-            if first is None and line and is_token(line):
+            if not line:
+                continue
+            has_text, count = read(line)
+            if first is None and has_text:
                 first = time.perf_counter() - started
+            tokens = count if count is not None else tokens
     total = time.perf_counter() - started
-    return (first if first is not None else total), total
+    return (first if first is not None else total), total, tokens
 
 
-def _native_token(line: str) -> bool:
-    return bool(json.loads(line).get("type") == "delta")
+def _native_line(line: str) -> tuple[bool, int | None]:
+    data = json.loads(line)
+    if data.get("type") == "result":
+        return False, data["result"]["output_tokens"]
+    return data.get("type") == "delta", None
 
 
-def _openai_token(line: str) -> bool:
+def _openai_line(line: str) -> tuple[bool, int | None]:
     if not line.startswith("data: ") or line == "data: [DONE]":
-        return False
-    choices = json.loads(line[6:]).get("choices") or [{}]
-    return bool(choices[0].get("delta", {}).get("content"))
+        return False, None
+    data = json.loads(line[6:])
+    usage = data.get("usage") or {}
+    choices = data.get("choices") or [{}]
+    return bool(choices[0].get("delta", {}).get("content")), usage.get("completion_tokens")
 
 
-def _ollama_token(line: str) -> bool:
-    return bool(json.loads(line).get("message", {}).get("content"))
+def _ollama_line(line: str) -> tuple[bool, int | None]:
+    data = json.loads(line)
+    return bool(data.get("message", {}).get("content")), data.get("eval_count")
 
 
 def server_paths(
@@ -81,7 +101,7 @@ def server_paths(
             client,
             "/v1/generate",
             {"prompt": PROMPT, "max_tokens": max_tokens, "stream": True},
-            _native_token,
+            _native_line,
         ),
         "server openai": lambda: _lines(
             client,
@@ -92,8 +112,9 @@ def server_paths(
                 "max_tokens": max_tokens,
                 "temperature": 0,
                 "stream": True,
+                "stream_options": {"include_usage": True},
             },
-            _openai_token,
+            _openai_line,
         ),
         "server ollama": lambda: _lines(
             client,
@@ -103,7 +124,7 @@ def server_paths(
                 "messages": [{"role": "user", "content": PROMPT}],
                 "options": {"num_predict": max_tokens, "temperature": 0},
             },
-            _ollama_token,
+            _ollama_line,
         ),
     }
 
@@ -122,56 +143,98 @@ def _ms(values: list[float], q: float = 0.5) -> float:
     return 1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+@contextmanager
+def server_process(model_dir: str) -> Iterator[str]:
+    """`coheara serve` in its own process, as deployed, with the same one torch thread."""
+    port = free_port()
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "COHEARA_MODEL": ""}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "coheara.cli.main",
+            "serve",
+            "--backend",
+            "transformers",
+            "--model",
+            model_dir,
+            "--port",
+            str(port),
+        ],
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("coheara serve did not start")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 async def main(rounds: int, max_tokens: int, levels: list[int]) -> None:
-    console = Console()
-    with tempfile.TemporaryDirectory() as tmp:
-        build_tiny_model(Path(tmp))
-        settings = load_settings()
-        engine = Engine(TransformersBackend(tmp, device="cpu"), settings)
-        await direct(engine, max_tokens)  # load and warm up
-        with serve_in_thread(create_app(engine, settings)) as url:
-            async with httpx.AsyncClient(base_url=url, timeout=300) as client:
-                paths: dict[str, Callable[[], Awaitable[Timing]]] = {
-                    "direct engine": lambda: direct(engine, max_tokens),
-                    **server_paths(client, max_tokens),
-                }
-                for call in paths.values():
-                    await call()  # warm every path once
-                table = Table(
-                    title=f"tiny model, {max_tokens} output tokens, {rounds} rounds per level"
-                )
-                for column in (
-                    "path",
-                    "streams",
-                    "requests",
-                    "TTFT p50 ms",
-                    "TTFT p90 ms",
-                    "total p50 ms",
-                    "overhead p50 ms",
-                    "total / direct",
-                ):
-                    table.add_column(column, justify="right" if column != "path" else "left")
-                for level in levels:
-                    baseline: float | None = None
-                    for name, call in paths.items():
-                        timings = await measure(call, level, rounds)
-                        ttft = [t for t, _ in timings]
-                        total = [t for _, t in timings]
-                        median_total = statistics.median(total) * 1000
-                        if baseline is None:
-                            baseline = median_total
-                        table.add_row(
-                            name,
-                            str(level),
-                            str(len(timings)),
-                            f"{_ms(ttft):.1f}",
-                            f"{_ms(ttft, 0.9):.1f}",
-                            f"{median_total:.1f}",
-                            f"{median_total - baseline:+.1f}",
-                            f"{median_total / baseline:.2f}",
-                        )
-                console.print(table)
+    torch.set_num_threads(1)  # the tiny model's matrices only lose time in a thread pool
+    console = Console(width=150)
+    with tempfile.TemporaryDirectory() as tmp, server_process(tmp_model(tmp)) as url:
+        engine = Engine(TransformersBackend(tmp, device="cpu"), load_settings())
+        async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+            paths: dict[str, Callable[[], Awaitable[Timing]]] = {
+                "direct engine": lambda: direct(engine, max_tokens),
+                **server_paths(client, max_tokens),
+            }
+            for call in paths.values():
+                await call()  # load and warm every path once
+            table = Table(title=f"tiny model, up to {max_tokens} output tokens, {rounds} rounds")
+            for column in COLUMNS:
+                table.add_column(column, justify="left" if column == "path" else "right")
+            for level in levels:
+                baseline: float | None = None
+                for name, call in paths.items():
+                    timings = await measure(call, level, rounds)
+                    median_total = statistics.median(t for _, t, _ in timings) * 1000
+                    baseline = baseline or median_total
+                    table.add_row(
+                        name,
+                        str(level),
+                        str(len(timings)),
+                        str(statistics.median(n for _, _, n in timings)),
+                        f"{_ms([t for t, _, _ in timings]):.1f}",
+                        f"{_ms([t for t, _, _ in timings], 0.9):.1f}",
+                        f"{median_total:.1f}",
+                        f"{median_total - baseline:+.1f}",
+                        f"{median_total / baseline:.2f}",
+                    )
+            console.print(table)
         await engine.aclose()
+
+
+COLUMNS = (
+    "path",
+    "streams",
+    "requests",
+    "output tokens",
+    "TTFT p50 ms",
+    "TTFT p90 ms",
+    "total p50 ms",
+    "overhead p50 ms",
+    "total / direct",
+)
+
+
+def tmp_model(directory: str) -> str:
+    build_tiny_model(Path(directory))
+    return directory
 
 
 if __name__ == "__main__":

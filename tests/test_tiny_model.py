@@ -8,7 +8,6 @@ would pass on something that is not the real pipeline.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +23,6 @@ from coheara.dev.tiny_model import (  # noqa: E402
     build_tiny_model,
     is_tiny_model,
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Matrices this small gain nothing from the intra-op pool and lose a lot on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

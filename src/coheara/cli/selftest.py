@@ -118,6 +118,8 @@ async def _mode_checks(
 
 
 async def _run_selftest(directory: Path) -> list[Check]:
+    import torch
+
     from coheara.backends.ollama import OllamaBackend
     from coheara.backends.openai_compat import OpenAIBackend
     from coheara.backends.transformers_backend import TransformersBackend
@@ -125,6 +127,7 @@ async def _run_selftest(directory: Path) -> list[Check]:
     from coheara.server.app import create_app
     from coheara.server.background import serve_in_thread
 
+    torch.set_num_threads(1)  # the tiny model's matrices only lose time in a thread pool
     checks: list[Check] = []
     settings = load_settings(extract_retries=2)
     build_tiny_model(directory)
