@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,13 @@ import pytest
 # No test may reach beyond loopback: keep the Hugging Face libraries offline.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# A developer's own configuration must not change what the tests see.
+for _name in [n for n in os.environ if n.startswith("COHEARA_") or n == "OLLAMA_HOST"]:
+    del os.environ[_name]
+_EMPTY_CONFIG = Path(tempfile.mkdtemp(prefix="coheara-tests-")) / "empty.toml"
+_EMPTY_CONFIG.write_text("")
+os.environ["COHEARA_CONFIG"] = str(_EMPTY_CONFIG)
 
 
 @pytest.fixture(scope="session", autouse=True)

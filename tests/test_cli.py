@@ -145,6 +145,21 @@ def test_prompt_over_the_window_exits_5_with_the_numbers(
     assert fake.chat_bodies == []
 
 
+def test_error_text_is_printed_as_is_not_as_markup(environment: dict[str, str]) -> None:
+    result = coheara("ask", "hi", "--backend", "[/][bold]x", env=environment)
+    assert result.returncode == 2
+    assert "'[/][bold]x'" in one_clean_line(result)
+
+
+@pytest.mark.parametrize("command", [["serve"], ["doctor"], ["ask", "hi"]])
+def test_bad_setting_is_exit_3_for_every_command(
+    environment: dict[str, str], command: list[str]
+) -> None:
+    result = coheara(*command, env={**environment, "COHEARA_NUM_CTX": "100"})
+    assert result.returncode == 3
+    assert "COHEARA_NUM_CTX" in one_clean_line(result)
+
+
 def test_bad_setting_exits_3(environment: dict[str, str]) -> None:
     result = coheara("ask", "hi", env={**environment, "COHEARA_NUM_CTX": "lots"})
     assert result.returncode == 3

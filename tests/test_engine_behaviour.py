@@ -119,7 +119,7 @@ async def test_output_error_after_everything_fails_names_no_values(
     fake.reply = '{"heart_rate": "Jane Doe", "rhythm": 5}'
     with pytest.raises(OutputValidationError) as caught:
         await engine.extract("HR unknown.", schema=Vitals)
-    assert caught.value.exit_code == 10 and caught.value.http_status == 502
+    assert caught.value.exit_code == 10 and caught.value.http_status == 422
     assert "Jane Doe" not in str(caught.value)
     assert "heart_rate: type" in str(caught.value)
     assert len(fake.chat_bodies) == 2 + 2  # one try, one repair, two field calls
@@ -244,3 +244,24 @@ def test_sync_engine_streams_and_generates(fake_server: tuple[FakeOllama, str]) 
         assert "".join(c.text for c in chunks) == ANSWER
         fake.reply = json.dumps({"heart_rate": 61, "rhythm": "sinus"})
         assert engine.extract("x", schema=Vitals).value == Vitals(heart_rate=61, rhythm="sinus")
+
+
+class Intake(BaseModel):
+    heart_rate: int
+    allergies: str | None = None
+
+
+async def test_fallback_keeps_optional_fields_optional(engine: Engine, fake: FakeOllama) -> None:
+    script(fake, "[]", "[]", '{"heart_rate": 90}', "{}")
+    result = await engine.extract("HR 90.", schema=Intake)
+    assert result.value == Intake(heart_rate=90)
+    required = [body["format"].get("required") for body in fake.chat_bodies[2:]]
+    assert required == [["heart_rate"], []]
+
+
+async def test_extraction_counts_the_tokens_of_every_call(engine: Engine, fake: FakeOllama) -> None:
+    first, second = '{"heart_rate": 400, "rhythm": "x"}', '{"heart_rate": 80, "rhythm": "x"}'
+    script(fake, first, second)
+    result = await engine.extract("HR 80.", schema=Vitals)
+    assert result.attempts == 2
+    assert result.output_tokens == -(-len(first) // 4) + -(-len(second) // 4)

@@ -257,3 +257,57 @@ def test_bounded_schema_still_accepts_what_the_original_accepts() -> None:
 def test_missing_required_field_is_named_without_values() -> None:
     _, problems = OutputSchema.build(Vitals).validate('{"heart_rate": 80}')
     assert [p.redacted() for p in problems] == ["rhythm: required"]
+
+
+def test_calibrated_lower_bound_closes_the_blind_band() -> None:
+    """A server whose real window is 4096 while 8192 was sent reads 4096 of ~5000 tokens."""
+    estimator = TokenEstimator()
+    calibration = _request("word " * 400)
+    size = estimator.measure(calibration, None)
+    estimator.observe(size, 2000 // 4 + size.overhead)  # the backend: 4 chars a token
+    long = estimator.measure(_request("x" * 20000), None)
+    with pytest.raises(SilentTruncationError):
+        check_not_truncated(long, 4096, 8192)
+    uncalibrated = TokenEstimator().measure(_request("x" * 20000), None)
+    check_not_truncated(uncalibrated, 4096, 8192)  # chars/6 alone cannot tell
+
+
+def test_a_low_count_for_a_prompt_that_cannot_overflow_is_not_truncation() -> None:
+    """Some Ollama releases count only the uncached part of a repeated prompt."""
+    size = TokenEstimator().measure(_request("y" * 3000), None)
+    check_not_truncated(size, 40, 8192)
+
+
+@pytest.mark.parametrize("run", ["\n" * 3000, " \t" * 1500, '{"a": 1,' + " " * 3000])
+def test_whitespace_runaway_is_stopped(run: str) -> None:
+    assert _first_trip(run) is not None
+    assert _first_trip(run) <= 256 + 40
+
+
+def test_blank_lines_and_indentation_do_not_trip() -> None:
+    text = "Plan:\n\n" + "".join(f"    - item {i}\n\n" for i in range(30)) + " " * 120 + "end"
+    assert _first_trip(text) is None
+
+
+@pytest.mark.parametrize(
+    ("ref", "message"),
+    [("https://example.org/s.json", "not local"), ("#/$defs/Missing", "points nowhere")],
+)
+def test_schema_refs_must_resolve_inside_the_schema(ref: str, message: str) -> None:
+    schema = {"type": "object", "properties": {"a": {"$ref": ref}}, "$defs": {"B": {}}}
+    with pytest.raises(InvalidRequestError, match=message):
+        OutputSchema.build(schema)
+
+
+def test_local_refs_are_accepted_and_validated() -> None:
+    schema = OutputSchema.build(
+        {
+            "type": "object",
+            "properties": {"dose": {"$ref": "#/$defs/Dose"}},
+            "$defs": {"Dose": {"type": "object", "properties": {"mg": {"type": "number"}}}},
+        }
+    )
+    assert schema.validate('{"dose": {"mg": 5}}')[1] == []
+    assert [p.redacted() for p in schema.validate('{"dose": {"mg": "five"}}')[1]] == [
+        "dose/mg: type"
+    ]

@@ -30,7 +30,8 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         ("0.0.0.0", "http://127.0.0.1:11434"),
         ("gpu-box:12000", "http://gpu-box:12000"),
         (":9999", "http://127.0.0.1:9999"),
-        ("https://ollama.internal", "https://ollama.internal:11434"),
+        ("https://ollama.internal", "https://ollama.internal:443"),
+        ("http://gpu-box", "http://gpu-box:80"),
         ("http://10.1.2.3:11434/", "http://10.1.2.3:11434"),
     ],
 )
@@ -130,3 +131,22 @@ def test_decompression_bomb_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(image_module, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(ImageError, match="more than"):
         load_image(_png(100, 100))
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I"])
+def test_encoded_16bit_image_is_scaled_not_clipped(mode: str) -> None:
+    values = np.linspace(0, 4095, 64 * 64).reshape(64, 64)
+    image = Image.fromarray(values.astype(np.int32)).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG" if mode == "I;16" else "TIFF")
+    prepared = load_image(buffer.getvalue())
+    assert prepared.pixels.min() == 0 and prepared.pixels.max() == 255
+    assert 100 < prepared.pixels.mean() < 155  # a ramp stays a ramp, not a white sheet
+
+
+def test_long_base64_string_is_not_taken_for_a_path() -> None:
+    encoded = base64.b64encode(_png(30, 30)).decode()
+    wrapped = "\n".join(encoded[i : i + 76] for i in range(0, len(encoded), 76))
+    assert load_image(wrapped).pixels.shape == (896, 896, 3)
+    with pytest.raises(ImageError):
+        load_image("A" * 1000)

@@ -16,9 +16,8 @@ Messages never contain patient text: they state numbers, model ids and fixes.
     │   └── BackendOverloadedError    exit 7   503  its queue is full: retry later
     ├── BackendTimeoutError           exit 8   504
     ├── BackendError                  exit 9   502  the runtime failed
-    └── OutputError                   exit 10  502  the model's output was unusable
-        ├── OutputValidationError     exit 10  502  invalid after the repair retries
-        └── DegenerateOutputError     exit 10  502  the model looped
+    └── OutputError                   exit 10  422  the model's output was unusable
+        └── OutputValidationError     exit 10  422  invalid after the repair retries
 """
 
 from __future__ import annotations
@@ -106,30 +105,11 @@ class BackendError(CohearaError):
 
 
 class OutputError(CohearaError):
-    http_status = 502
+    # 422, not 5xx: greedy decoding would fail the same way again, and clients retry 5xx.
+    http_status = 422
     exit_code = 10
     code = "output_error"
 
 
 class OutputValidationError(OutputError):
     code = "output_invalid"
-
-
-class DegenerateOutputError(OutputError):
-    code = "output_degenerate"
-
-
-EXIT_CODES: dict[str, int] = {
-    cls.__name__: cls.exit_code
-    for cls in (
-        CohearaError,
-        ConfigurationError,
-        InvalidRequestError,
-        ContextOverflowError,
-        ModelNotFoundError,
-        BackendUnavailableError,
-        BackendTimeoutError,
-        BackendError,
-        OutputError,
-    )
-}

@@ -25,17 +25,21 @@ BackendName = Literal["auto", "ollama", "openai", "transformers"]
 
 
 def normalize_ollama_host(value: str) -> str:
-    """Accept every form OLLAMA_HOST takes (`host`, `host:port`, `:port`, a URL)."""
+    """Read OLLAMA_HOST as Ollama and its official client do.
+
+    `host`, `host:port` and `:port` mean http on port 11434 by default; a URL with a
+    scheme but no port means that scheme's own port (80 or 443). A bind-all address
+    means this machine.
+    """
     value = value.strip().rstrip("/")
-    if "://" not in value:
-        value = "http://" + value
-    scheme, rest = value.split("://", 1)
+    scheme, has_scheme, rest = value.partition("://")
+    if not has_scheme:
+        scheme, rest = "http", value
     host, _, port = rest.partition(":")
-    host = host or "127.0.0.1"
-    if host == "0.0.0.0":
+    if host in ("", "0.0.0.0"):
         host = "127.0.0.1"
     if not port:
-        port = "11434"
+        port = "11434" if not has_scheme else ("443" if scheme == "https" else "80")
     return f"{scheme}://{host}:{port}"
 
 
@@ -77,6 +81,9 @@ class Settings(BaseSettings):
     openai_model: str = model_facts.DEFAULT_HF_MODEL
     openai_api_key: SecretStr = SecretStr("not-needed")
     openai_context_length: int = Field(default=model_facts.CONTEXT_LENGTH, ge=512)
+    openai_vision: bool = Field(
+        default=True, description="Whether the OpenAI-compatible server's model reads images."
+    )
 
     transformers_model: str | None = Field(
         default=None, description="Local folder (or hub id, with allow_download) of the weights."

@@ -127,7 +127,8 @@ class OllamaBackend(Backend):
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamEvent, None]:
         """Deltas from `message.content`, then one closing event with Ollama's counts."""
-        payload = self.payload(request)
+        # PNG-encoding 896x896 images takes tens of milliseconds each: off the event loop.
+        payload = await asyncio.to_thread(self.payload, request)
         parts: AsyncIterator[ChatResponse] | None = None
         received = False
         final: StreamEvent | None = None

@@ -155,7 +155,8 @@ class OpenAIBackend(Backend):
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamEvent, None]:
         """Deltas, then one closing event with the usage the server reports (None if none)."""
-        arguments = self.arguments(request)
+        # PNG-encoding 896x896 images takes tens of milliseconds each: off the event loop.
+        arguments = await asyncio.to_thread(self.arguments, request)
         stream: Any = None
         try:
             stream = await self._client.chat.completions.create(**arguments)

@@ -6,6 +6,7 @@ Transformers model, and otherwise says how to get either.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
@@ -38,6 +39,7 @@ def create_backend(
             model=model or settings.openai_model,
             api_key=settings.openai_api_key.get_secret_value(),
             context_length=settings.openai_context_length,
+            vision=settings.openai_vision,
             timeout_s=settings.timeout_s,
             connect_timeout_s=settings.connect_timeout_s,
         )
@@ -74,11 +76,18 @@ class AutoBackend(Backend):
         self._model = model
         self._url = url
         self._chosen: Backend | None = None
+        self._lock = asyncio.Lock()
 
     async def resolve(self) -> Backend:
-        if self._chosen is not None:
+        """Probe once, even when the first requests arrive together."""
+        async with self._lock:
+            if self._chosen is None:
+                self._chosen = await self._probe()
             return self._chosen
+
+    async def _probe(self) -> Backend:
         reasons: list[str] = []
+        where = self._url or self._settings.ollama_url
         ollama = create_backend(
             self._settings.model_copy(update={"backend": "ollama"}),
             model=self._model,
@@ -88,19 +97,16 @@ class AutoBackend(Backend):
         if health.ok:
             try:
                 await ollama.capabilities()
-                self._chosen = ollama
                 return ollama
             except CohearaError as exc:
-                reasons.append(f"Ollama at {self._settings.ollama_url}: {exc}")
+                reasons.append(f"Ollama at {where}: {exc}")
         else:
-            reasons.append(f"Ollama at {self._settings.ollama_url}: {health.detail}")
+            reasons.append(f"Ollama at {where}: {health.detail}")
         await ollama.aclose()
         if self._settings.transformers_model or (self._model and not self._url):
-            local = create_backend(
+            return create_backend(
                 self._settings.model_copy(update={"backend": "transformers"}), model=self._model
             )
-            self._chosen = local
-            return local
         reasons.append("no local Transformers model configured (COHEARA_TRANSFORMERS_MODEL)")
         raise BackendUnavailableError(
             "no backend available: " + "; ".join(reasons),

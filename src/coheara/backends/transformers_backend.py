@@ -56,6 +56,7 @@ from coheara.backends.base import (
     Health,
     StreamEvent,
 )
+from coheara.dev.tiny_model import is_tiny_model
 from coheara.errors import (
     BackendError,
     CohearaError,
@@ -561,7 +562,8 @@ class TransformersBackend(Backend):
             job.send(
                 "error",
                 BackendError(
-                    f"generation failed in Transformers: {type(exc).__name__}: {str(exc)[:200]}"
+                    # The type only: a failure's text may quote the tokens it was working on.
+                    f"generation failed in Transformers: {type(exc).__name__}"
                 ),
             )
 
@@ -689,7 +691,7 @@ class TransformersBackend(Backend):
                 "dtype": str(self._torch_dtype).removeprefix("torch."),
                 "device": self._device,
                 "transformers": transformers.__version__,
-                "tiny_test_model": (Path(self.model) / "coheara_tiny.json").is_file(),
+                "tiny_test_model": is_tiny_model(self.model),
             }
             if not vision:
                 details["vision_hint"] = (

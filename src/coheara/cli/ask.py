@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Annotated, Any
@@ -13,7 +14,6 @@ from coheara.cli.common import (
     ModelOption,
     UrlOption,
     err_console,
-    run,
     settings_for,
     write,
 )
@@ -105,4 +105,4 @@ def ask(
                     err_console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
                 err_console.print(f"[dim]{evidence_line(result)}[/]", soft_wrap=True)
 
-    run(main)
+    asyncio.run(main())

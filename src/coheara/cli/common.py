@@ -1,14 +1,17 @@
-"""What every CLI command shares: backend options, error reporting, the event loop."""
+"""What every CLI command shares: backend options and error reporting.
+
+Commands let `CohearaError` propagate: `coheara.cli.main.main` reports it as one
+line with its exit code, whichever command raised it.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import sys
-from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from coheara.errors import CohearaError
 from coheara.settings import Settings, load_settings
@@ -49,33 +52,15 @@ def settings_for(backend: str | None, **overrides: Any) -> Settings:
     return load_settings(backend=backend, **overrides)
 
 
-def fail(error: CohearaError, *, code: int | None = None) -> None:
-    """One line on stderr and the documented exit code; never a traceback."""
-    err_console.print(f"[bold red]error:[/] {error}", markup=True, soft_wrap=True)
+def report(error: CohearaError) -> None:
+    """The one line a user sees; the text is printed as is, never read as markup."""
+    err_console.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True)
+
+
+def fail(error: CohearaError, *, code: int | None = None) -> NoReturn:
+    """Inside a command: report, then exit with the documented code."""
+    report(error)
     raise typer.Exit(code if code is not None else error.exit_code)
-
-
-def run(main: Callable[[], Awaitable[T]]) -> T:
-    try:
-        return asyncio.run(main())  # type: ignore[arg-type]
-    except CohearaError as error:
-        fail(error)
-    except KeyboardInterrupt:
-        err_console.print("interrupted")
-        raise typer.Exit(130) from None
-    raise AssertionError("unreachable")
-
-
-def guarded(function: Callable[[], T]) -> T:
-    """Run synchronous CLI work with the same error contract as `run`."""
-    try:
-        return function()
-    except CohearaError as error:
-        fail(error)
-    except KeyboardInterrupt:
-        err_console.print("interrupted")
-        raise typer.Exit(130) from None
-    raise AssertionError("unreachable")
 
 
 def write(text: str) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from coheara.cli.common import err_console, guarded
+from coheara.cli.common import err_console
 from coheara.errors import ConfigurationError
 
 dev_app = typer.Typer(help="Developer tools.", no_args_is_help=True)
@@ -29,5 +29,5 @@ def tiny_model(
             ) from None
         return build_tiny_model(directory)
 
-    path = guarded(build)
+    path = build()
     err_console.print(f"tiny model written to {path}")

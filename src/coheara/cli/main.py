@@ -5,11 +5,12 @@ from __future__ import annotations
 import typer
 
 from coheara.cli.ask import ask
-from coheara.cli.common import err_console
+from coheara.cli.common import err_console, report
 from coheara.cli.dev import dev_app
 from coheara.cli.doctor import doctor
 from coheara.cli.selftest import selftest
 from coheara.cli.serve import serve
+from coheara.errors import CohearaError
 
 app = typer.Typer(
     name="coheara",
@@ -28,6 +29,12 @@ app.add_typer(dev_app, name="dev")
 def main() -> None:
     try:
         app()
+    except CohearaError as error:
+        report(error)
+        raise SystemExit(error.exit_code) from None
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        raise SystemExit(130) from None
     except Exception as exc:  # the last line of defence: never a traceback for a user
         # Only the type: an unexpected error's text may quote the input.
         err_console.print(

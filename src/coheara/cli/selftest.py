@@ -70,6 +70,8 @@ async def _check(
         check.ok = True
     except (CohearaError, AssertionError) as exc:
         check.detail = str(exc) or type(exc).__name__
+    except Exception as exc:  # a broken install must show as a failed row, not a traceback
+        check.detail = f"unexpected {type(exc).__name__}: {exc}"
     check.seconds = time.perf_counter() - started
     checks.append(check)
 

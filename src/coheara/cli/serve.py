@@ -11,7 +11,6 @@ from coheara.cli.common import (
     ModelOption,
     UrlOption,
     err_console,
-    guarded,
     settings_for,
 )
 
@@ -30,7 +29,7 @@ def serve(
     from coheara.server.app import create_app
 
     settings = settings_for(backend, host=host, port=port)
-    engine = guarded(lambda: Engine.from_config(model=model, url=url, settings=settings))
+    engine = Engine.from_config(model=model, url=url, settings=settings)
     app = create_app(engine, settings, close_engine=True)
     err_console.print(
         f"coheara serving {settings.backend} backend on http://{settings.host}:{settings.port} "

@@ -31,6 +31,9 @@ class PromptSize:
     """Fewest tokens this prompt can be; a backend reporting less dropped part of it."""
     overhead: int = 0
     """Chat-template tokens around the text."""
+    upper_bound: int = 0
+    """Most tokens this prompt can be (a token per UTF-8 byte): only a prompt that could
+    exceed the window can have been truncated."""
 
     @property
     def image_tokens(self) -> int:
@@ -42,7 +45,8 @@ class TokenEstimator:
 
     DEFAULT_CHARS_PER_TOKEN = 3.0
     """Gemma's tokenizer averages about 4 characters a token on English clinical text."""
-    LOWEST_PLAUSIBLE_TOKENS_PER_CHAR = 1 / 6
+    MOST_CHARS_PER_TOKEN = 6.0
+    """Until the backend has reported counts, no text is assumed denser than this."""
 
     def __init__(self) -> None:
         self._observed: deque[float] = deque(maxlen=32)
@@ -54,6 +58,13 @@ class TokenEstimator:
         # Fewest characters per token seen: the estimate stays on the high side.
         return max(1.0, min(self._observed) * 0.95)
 
+    @property
+    def most_chars_per_token(self) -> float:
+        """For the lower bound: the densest text seen, with a margin, once calibrated."""
+        if not self._observed:
+            return self.MOST_CHARS_PER_TOKEN
+        return min(self.MOST_CHARS_PER_TOKEN, max(self._observed) * 1.15)
+
     def observe(self, size: PromptSize, reported_tokens: int) -> None:
         text_tokens = reported_tokens - size.image_tokens - size.overhead
         if size.exact or size.text_chars < 200 or text_tokens <= 0:
@@ -61,21 +72,22 @@ class TokenEstimator:
         self._observed.append(size.text_chars / text_tokens)
 
     def measure(self, request: ChatRequest, exact: int | None) -> PromptSize:
-        chars = sum(len(m.folded_text) for m in request.messages)
+        texts = [m.folded_text for m in request.messages]
+        chars = sum(map(len, texts))
         images = len(request.images)
         overhead = PROMPT_OVERHEAD + TURN_OVERHEAD * len(request.messages)
         if exact is not None:
-            return PromptSize(exact, True, chars, images, exact, overhead)
-        estimate = math.ceil(chars / self.chars_per_token)
-        lower = math.floor(chars * self.LOWEST_PLAUSIBLE_TOKENS_PER_CHAR)
+            return PromptSize(exact, True, chars, images, exact, overhead, exact)
         image_tokens = images * model_facts.IMAGE_PROMPT_TOKENS
         return PromptSize(
-            estimate + image_tokens + overhead,
-            False,
-            chars,
-            images,
-            lower + images * model_facts.IMAGE_SOFT_TOKENS,
-            overhead,
+            tokens=math.ceil(chars / self.chars_per_token) + image_tokens + overhead,
+            exact=False,
+            text_chars=chars,
+            images=images,
+            lower_bound=math.floor(chars / self.most_chars_per_token)
+            + images * model_facts.IMAGE_SOFT_TOKENS,
+            overhead=overhead,
+            upper_bound=sum(len(t.encode("utf-8")) for t in texts) + image_tokens + overhead,
         )
 
 
@@ -110,13 +122,17 @@ def check_not_truncated(size: PromptSize, reported: int | None, window: int | No
     if reported is None:
         return
     filled = window is not None and reported >= window
-    if reported >= size.lower_bound and not filled:
+    # A low count alone could be a prompt cache on some Ollama releases: it counts only
+    # where the prompt could have exceeded the window at all.
+    could_overflow = window is None or size.upper_bound > window
+    short = reported < size.lower_bound and could_overflow
+    if not (filled or short):
         return
     read = "the whole window" if filled else f"fewer than the at least {size.lower_bound} sent"
     raise SilentTruncationError(
         f"the backend read {reported} prompt tokens, {read}: it dropped the front of the "
         "prompt (the system text with it)",
-        hint="raise the window (COHEARA_NUM_CTX) or shorten the input; the reply was discarded",
+        hint="raise the window (COHEARA_NUM_CTX) or shorten the input; do not use the reply",
         reported_prompt_tokens=reported,
         expected_at_least=size.lower_bound,
         window=window,

@@ -61,6 +61,15 @@ class _Attempt:
     reasoning_chars: int = 0
     warnings: list[str] = field(default_factory=list)
 
+    def add(self, other: _Attempt) -> None:
+        """Count another call's tokens into this running total."""
+        self.prompt_tokens = (self.prompt_tokens or 0) + (other.prompt_tokens or 0)
+        produced = other.output_tokens
+        if produced is None:
+            produced = len(other.text) // 4
+        self.output_tokens = (self.output_tokens or 0) + produced
+        self.prompt_exact = other.prompt_exact
+
 
 class Engine:
     """Run MedGemma in text, image + text and structured-extraction modes.
@@ -175,7 +184,8 @@ class Engine:
         max_tokens: int | None = None,
     ) -> AsyncGenerator[StreamChunk, None]:
         """Every mode, streaming: text deltas, then one chunk whose `result` is set."""
-        conversation = self._conversation(prompt, system, images, messages)
+        # Decoding and resizing a large scan takes a while: off the event loop.
+        conversation = await asyncio.to_thread(self._conversation, prompt, system, images, messages)
         options = self._options(options, max_tokens)
         output_schema = OutputSchema.build(schema) if schema is not None else None
         turns = to_gemma_turns(conversation)
@@ -237,8 +247,11 @@ class Engine:
             )
         return capabilities
 
+    async def context_window(self) -> int:
+        """The window in force: the deployment's, never more than the model was trained for."""
+        return self._window(await self.capabilities())
+
     def _window(self, capabilities: Capabilities) -> int:
-        """The deployment's window, never more than the model was trained for."""
         declared = self.backend.context_window
         return (
             min(declared, capabilities.context_length) if declared else capabilities.context_length
@@ -259,11 +272,17 @@ class Engine:
         guard = RepetitionGuard() if self.settings.guard_enabled else None
         visible: list[str] = []
         stream = self.backend.stream(request)
+        answered = False
         async with aclosing(stream):
             async for event in stream:
                 if event.text and state.first_token_at is None:
                     state.first_token_at = time.perf_counter()
                 shown = reasoning.feed(event.text)
+                if not answered and not shown:
+                    # The backend has answered (perhaps with hidden reasoning): say so at
+                    # once, so a server can send its headers before the visible text.
+                    yield StreamChunk(text="", attempt=number)
+                answered = True
                 if event.done:
                     shown += reasoning.flush()
                 if shown:
@@ -361,17 +380,18 @@ class Engine:
         warnings: list[str] = []
         problems: list[Problem] = []
         request = ChatRequest(_with_schema_instruction(turns, schema), options, schema.schema)
+        spent = _Attempt()  # tokens of every call, which the result reports
         state = _Attempt()
         for number in range(1, attempts + 1):
             state = _Attempt(first_token_at=state.first_token_at, warnings=warnings)
             async with aclosing(self._attempt(request, capabilities, state, number)) as attempt:
                 async for chunk in attempt:
                     yield chunk
+            spent.add(state)
             value, problems = _check_output(schema, state)
             if not problems:
-                yield StreamChunk(
-                    result=self._extraction(state, started, number, capabilities, value)
-                )
+                result = self._extraction(state, spent, started, number, capabilities, value)
+                yield StreamChunk(result=result)
                 return
             warnings.append(
                 f"attempt {number} invalid: " + "; ".join(p.redacted() for p in problems[:3])
@@ -379,7 +399,6 @@ class Engine:
             request = _repair_request(request, state.text, problems)
         fields = _field_schemas(schema) if self.settings.extract_field_fallback else None
         if fields is not None:
-            merged = _Attempt(first_token_at=state.first_token_at, warnings=warnings)
             values: dict[str, Any] = {}
             number = attempts
             for name, field_schema in fields:
@@ -396,40 +415,48 @@ class Engine:
                 ) as attempt:
                     async for chunk in attempt:
                         yield chunk
-                merged.prompt_tokens = (merged.prompt_tokens or 0) + (part.prompt_tokens or 0)
-                merged.prompt_exact = part.prompt_exact
-                merged.output_tokens = (merged.output_tokens or 0) + (part.output_tokens or 0)
+                spent.add(part)
                 value, field_problems = _check_output(field_schema, part)
                 if not field_problems and isinstance(value, dict) and name in value:
                     values[name] = value[name]
-            merged.text = json.dumps(values, ensure_ascii=False)
+            merged = _Attempt(
+                text=json.dumps(values, ensure_ascii=False),
+                first_token_at=state.first_token_at,
+                prompt_exact=spent.prompt_exact,
+                warnings=warnings,
+            )
             value, merged_problems = _check_output(schema, merged)
             if not merged_problems:
                 warnings.append(
                     f"built one field at a time ({len(fields)} calls) after "
                     f"{attempts} invalid attempt(s)"
                 )
-                yield StreamChunk(
-                    result=self._extraction(merged, started, number, capabilities, value)
-                )
+                result = self._extraction(merged, spent, started, number, capabilities, value)
+                yield StreamChunk(result=result)
                 return
+        cut_short = problems and problems[0].keyword == "length"
         raise OutputValidationError(
             f"the model's output did not match the schema after {attempts} attempt(s)"
             + (" and field by field" if fields is not None else "")
             + ": "
             + "; ".join(p.redacted() for p in problems[:5]),
-            hint="simplify the schema or raise COHEARA_EXTRACT_RETRIES",
+            hint="raise max_tokens"
+            if cut_short
+            else "simplify the schema or raise COHEARA_EXTRACT_RETRIES",
             problems=[p.redacted() for p in problems],
         )
 
     def _extraction(
         self,
         state: _Attempt,
+        spent: _Attempt,
         started: float,
         attempts: int,
         capabilities: Capabilities,
         value: Any,
     ) -> ExtractionResult:
+        """The accepted output, with the tokens of every call it took to get it."""
+        state.prompt_tokens, state.output_tokens = spent.prompt_tokens, spent.output_tokens
         return self._result(ExtractionResult, state, started, attempts, capabilities, value=value)
 
 
@@ -443,6 +470,8 @@ def _field_schemas(schema: OutputSchema) -> list[tuple[str, OutputSchema]] | Non
     if not isinstance(properties, dict) or not 0 < len(properties) <= MAX_FALLBACK_FIELDS:
         return None
     shared: dict[str, Any] = {k: root[k] for k in ("$defs", "definitions") if k in root}
+    required = set(root.get("required") or ())
+    # An optional field stays optional: forcing it would make the model invent a value.
     return [
         (
             name,
@@ -450,7 +479,7 @@ def _field_schemas(schema: OutputSchema) -> list[tuple[str, OutputSchema]] | Non
                 {
                     "type": "object",
                     "properties": {name: sub},
-                    "required": [name],
+                    "required": [name] if name in required else [],
                     "additionalProperties": False,
                     **shared,
                 }

@@ -26,10 +26,18 @@ class RepetitionGuard:
     sixty dashes are not; a sentence said four times in a row is a loop.
     """
 
-    def __init__(self, *, max_period: int = 200, min_span: int = 160, min_repeats: int = 4):
+    def __init__(
+        self,
+        *,
+        max_period: int = 200,
+        min_span: int = 160,
+        min_repeats: int = 4,
+        whitespace_span: int = 256,
+    ):
         self.max_period = max_period
         self.min_span = min_span
         self.min_repeats = min_repeats
+        self.whitespace_span = whitespace_span
         self._text = ""
         self._checked = 0
 
@@ -49,7 +57,11 @@ class RepetitionGuard:
                 break
             unit = text[n - period :]
             if unit.isspace():
-                continue  # trailing whitespace runs are bounded by the schema and the template
+                # Blank lines and indentation repeat legitimately; only a long run is a loop
+                # (the classic runaway of JSON modes that allow free whitespace).
+                need = max(need, self.whitespace_span)
+                if need > n:
+                    continue
             if text[n - need :] != (unit * (need // period + 1))[-need:]:
                 continue
             start = n - need

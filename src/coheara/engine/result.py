@@ -28,7 +28,10 @@ class GenerationResult(BaseModel):
 
 
 class ExtractionResult(GenerationResult):
-    """Structured extraction: `value` is schema-valid (a model instance for a Pydantic schema)."""
+    """Structured extraction: `value` is schema-valid (a model instance for a Pydantic schema).
+
+    Its token counts add up every call it took: repair retries and field-by-field calls.
+    """
 
     value: Any
 

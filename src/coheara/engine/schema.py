@@ -90,6 +90,7 @@ class OutputSchema:
             jsonschema.Draft202012Validator.check_schema(raw)
         except jsonschema.SchemaError as exc:
             raise InvalidRequestError(f"invalid JSON Schema: {exc.message}") from None
+        _check_refs(raw, raw)
         if raw.get("type") not in ("object", "array") and not any(
             k in raw for k in ("properties", "anyOf", "oneOf", "$ref")
         ):
@@ -128,6 +129,29 @@ class OutputSchema:
                     Problem(_path(e["loc"]), e["type"], e["msg"]) for e in exc.errors()[:10]
                 ]
         return data, []
+
+
+def _check_refs(node: Any, root: dict[str, Any]) -> None:
+    """Every `$ref` must point inside the schema: nothing is fetched, nothing left dangling."""
+    if isinstance(node, list):
+        for item in node:
+            _check_refs(item, root)
+        return
+    if not isinstance(node, dict):
+        return
+    ref = node.get("$ref")
+    if ref is not None:
+        if not isinstance(ref, str) or not ref.startswith("#"):
+            raise InvalidRequestError(f"schema $ref {ref!r} is not local: only '#/...' refs")
+        target: Any = root
+        for part in [p for p in ref[1:].split("/") if p]:
+            part = part.replace("~1", "/").replace("~0", "~")
+            if not isinstance(target, dict) or part not in target:
+                raise InvalidRequestError(f"schema $ref {ref!r} points nowhere")
+            target = target[part]
+    for key, value in node.items():
+        if key not in ("enum", "const", "default", "examples"):
+            _check_refs(value, root)
 
 
 def _path(parts: Any) -> str:

@@ -28,7 +28,12 @@ class SyncEngine:
         self._thread.start()
 
     def _run(self, coroutine: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            return future.result()
+        except BaseException:  # Ctrl-C in the caller's thread stops the generation too
+            future.cancel()
+            raise
 
     def generate(self, prompt: str | None = None, **kwargs: Any) -> GenerationResult:
         return self._run(self.engine.generate(prompt, **kwargs))

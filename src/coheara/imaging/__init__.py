@@ -1,5 +1,5 @@
 """Images, converted once to the neutral form every backend encodes for its own wire."""
 
-from coheara.imaging.image import PreparedImage, load_image
+from coheara.imaging.image import PreparedImage, decode_base64_image, load_image
 
-__all__ = ["PreparedImage", "load_image"]
+__all__ = ["PreparedImage", "decode_base64_image", "load_image"]

@@ -41,7 +41,7 @@ class PreparedImage:
         """Encoded once, then reused by every wire that needs it."""
         if not self._png:
             buffer = io.BytesIO()
-            self.to_pil().save(buffer, format="PNG")
+            self.to_pil().save(buffer, format="PNG", compress_level=1)
             self._png.append(buffer.getvalue())
         return self._png[0]
 
@@ -56,6 +56,9 @@ def _from_pil(image: Image.Image, source: str) -> PreparedImage:
     side = model_facts.IMAGE_SIZE
     if image.width == 0 or image.height == 0:
         raise ImageError("image has zero size")
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        # Pillow clips 16-bit and float pixels to 255 on convert("RGB"): scale them instead.
+        return load_image(np.asarray(image), label=source)
     rgb = image.convert("RGB")
     if rgb.size != (side, side):
         # Square resize without keeping the aspect ratio, bilinear: what the Gemma 3
@@ -99,18 +102,37 @@ def load_image(
         return _decode_bytes(data, label)
     if isinstance(source, str):
         text = source.strip()
-        if text.startswith("data:"):
-            text = text.split(",", 1)[-1]
-        elif len(text) < 4096 and Path(text).exists():
+        if not text.startswith("data:") and _is_file(text):
             return load_image(Path(text), label=label)
-        try:
-            data = base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            raise ImageError("image is neither a readable file nor valid base64") from None
-        return _decode_bytes(data, label)
+        return decode_base64_image(text, label=label)
     if isinstance(source, bytes | bytearray | memoryview):
         return _decode_bytes(bytes(source), label)
     raise ImageError(f"unsupported image input type {type(source).__name__}")
+
+
+def _is_file(text: str) -> bool:
+    try:
+        return len(text) < 4096 and Path(text).is_file()
+    except (OSError, ValueError):  # a long base64 string is no valid file name
+        return False
+
+
+def decode_base64_image(data: str, *, label: str = "image") -> PreparedImage:
+    """Base64 or a base64 data URI only: what a server accepts, never a path or a URL."""
+    text = data.strip()
+    if text.startswith("data:"):
+        head, _, text = text.partition(",")
+        if ";base64" not in head:
+            raise ImageError(f"{label}: a data URI must be base64-encoded")
+    elif text.startswith(("http://", "https://", "file:")):
+        raise ImageError(
+            f"{label}: remote or file URLs are not fetched", hint="send the image as base64"
+        )
+    try:
+        raw = base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError(f"{label} is neither a readable file nor valid base64") from None
+    return _decode_bytes(raw, label)
 
 
 def _decode_bytes(data: bytes, label: str) -> PreparedImage:
