@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -70,23 +69,6 @@ def _refuse_control_tokens(text: str) -> None:
             )
 
 
-_REASONING = re.compile(
-    re.escape(model_facts.REASONING_OPEN)
-    + r".*?(?:"
-    + re.escape(model_facts.REASONING_CLOSE)
-    + r"|\Z)",
-    re.DOTALL,
-)
-
-
-def strip_reasoning(text: str) -> tuple[str, int]:
-    """Remove `<unused94>thought ... <unused95>` blocks; return the answer and chars removed."""
-    if model_facts.REASONING_OPEN not in text:
-        return text, 0
-    answer = _REASONING.sub("", text)
-    return answer.lstrip(), len(text) - len(answer.lstrip())
-
-
 class ReasoningFilter:
     """Streaming counterpart of `strip_reasoning`: holds back text inside a thought block."""
 
@@ -145,3 +127,10 @@ class ReasoningFilter:
             self.hidden_chars += len(rest)
             return ""
         return self._emit(rest)
+
+
+def strip_reasoning(text: str) -> tuple[str, int]:
+    """Remove `<unused94>thought ... <unused95>` blocks; return the answer and chars removed."""
+    stream = ReasoningFilter()
+    answer = stream.feed(text) + stream.flush()
+    return answer, stream.hidden_chars
