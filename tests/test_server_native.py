@@ -25,10 +25,14 @@ from PIL import Image
 
 from coheara import Engine, Settings, model_facts
 from coheara.backends.base import Backend, Capabilities, ChatRequest, Health, StreamEvent
+from coheara.backends.ollama import OllamaBackend
 from coheara.backends.transformers_backend import TransformersBackend
 from coheara.errors import BackendError
 from coheara.server import create_app
+from fakes import FakeOllama, OllamaModel
 from servers import serve
+
+FAKE_MODEL = model_facts.DEFAULT_OLLAMA_MODEL
 
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -100,7 +104,7 @@ def test_generate_equals_the_engine_and_carries_its_evidence(
     assert body["finish_reason"] == expected.finish_reason
     assert body["prompt_tokens_exact"] is True
     assert body["backend"] == "transformers"
-    assert body["model"] == str(tiny_model_dir)
+    assert body["model"] == tiny_model_dir.name  # the folder's name, never its path
     assert 1 <= body["output_tokens"] <= 12
     if body["finish_reason"] == "length":
         assert body["output_tokens"] == 12
@@ -308,8 +312,38 @@ def test_a_mid_stream_error_arrives_as_the_last_line(client: httpx.Client) -> No
     assert streamed[-1]["type"] == "error"
     assert streamed[-1]["error"]["code"] == "output_invalid"
     same = client.post("/v1/extract", json={"prompt": PROMPT, "schema": SCHEMA, "max_tokens": 2})
-    assert same.status_code == 502
+    # 422, not 5xx: greedy decoding would fail the same way again, and clients retry 5xx.
+    assert same.status_code == 422
     assert same.json()["error"]["code"] == "output_invalid"
+
+
+def test_the_weights_folder_path_is_never_published(
+    client: httpx.Client, tiny_model_dir: Path
+) -> None:
+    path, name = str(tiny_model_dir), tiny_model_dir.name
+    tags = client.get("/api/tags")
+    models = client.get("/v1/models")
+    show = client.post("/api/show", json={"model": name})
+    running = client.get("/api/ps")
+    unknown = client.post("/v1/generate", json={"model": "gpt-4o", "prompt": PROMPT})
+    chat = client.post(
+        "/v1/chat/completions",
+        json={"model": path, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 1},
+    )
+    ollama = client.post(
+        "/api/generate",
+        json={"model": path, "prompt": PROMPT, "stream": False, "options": {"num_predict": 1}},
+    )
+    for response in (tags, models, show, running, unknown):
+        assert path not in response.text, response.request.url
+    assert models.json()["data"][0]["id"] == models.json()["data"][0]["root"] == name
+    assert tags.json()["models"][0]["name"] == f"{name}:latest"
+    assert show.status_code == 200 and f"FROM {name}" in show.json()["modelfile"]
+    # The full path is still accepted (and echoed as the requested model, as Ollama and
+    # OpenAI echo the request's id); the evidence names the model by its folder name.
+    assert chat.status_code == 200 and ollama.status_code == 200
+    assert chat.json()["coheara"]["model"] == name and ollama.json()["coheara"]["model"] == name
+    assert client.post("/api/show", json={"model": path}).json() == show.json()
 
 
 def test_unknown_route_is_404_in_our_shape(client: httpx.Client) -> None:
@@ -608,3 +642,146 @@ def test_a_body_over_the_limit_is_413_in_each_dialect_shape(engine: Engine) -> N
         assert chunked.status_code == 413
         small = httpx.post(url + "/v1/generate", json={"prompt": PROMPT, "max_tokens": 1})
         assert small.status_code == 200
+
+
+# ----- the scripted Ollama behind the server: exact text, known timing ---------------------
+
+REASONING_PIECES = 40
+THOUGHT = (
+    "<unused94>thought\n"
+    + " ".join(f"consider-{i}" for i in range(REASONING_PIECES))
+    + "<unused95>"
+)
+ANSWER = "Right lower lobe consolidation, no effusion."
+
+
+@pytest.fixture(scope="module")
+def fake_ollama() -> Iterator[tuple[FakeOllama, str]]:
+    fake = FakeOllama({FAKE_MODEL: OllamaModel(capabilities=["completion", "vision"])})
+    with serve(fake.app) as url:
+        yield fake, url
+
+
+@pytest.fixture
+def over_fake(fake_ollama: tuple[FakeOllama, str]) -> Iterator[tuple[FakeOllama, str]]:
+    """`coheara serve` whose engine runs the Ollama backend against the scripted fake."""
+    fake, fake_url = fake_ollama
+    fake.reset()
+    backend = OllamaBackend(
+        url=fake_url,
+        model=FAKE_MODEL,
+        num_ctx=16384,
+        timeout_s=30,
+        connect_timeout_s=5,
+        keep_alive=None,
+    )
+    engine = Engine(backend, Settings(backend="ollama", ollama_url=fake_url))
+    # The app closes the engine at shutdown, on the loop its HTTP client was used on.
+    with serve(create_app(engine, close_engine=True)) as url:
+        yield fake, url
+
+
+def _visible_texts(dialect: str, payload: str) -> tuple[list[str], str]:
+    """Each visible delta a dialect streamed (role-only or closing pieces left out), and the
+    final text it reports."""
+    if dialect == "native":
+        streamed = [json.loads(line) for line in payload.splitlines() if line.strip()]
+        deltas = [line["text"] for line in streamed if line["type"] == "delta"]
+        assert streamed[-1]["type"] == "result"
+        return deltas, streamed[-1]["result"]["text"]
+    if dialect == "openai":
+        events = [e.removeprefix("data: ") for e in payload.split("\n\n") if e.strip()]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        deltas = [c["choices"][0]["delta"].get("content") for c in chunks[1:] if c["choices"]]
+        closing = [d for d in deltas if d is None]
+        assert len(closing) == 1 and deltas[-1] is None  # only the finish chunk has no content
+        texts = [d for d in deltas if d is not None]
+        return texts, "".join(texts)
+    streamed = [json.loads(line) for line in payload.splitlines() if line.strip()]
+    assert streamed[-1]["done"] is True and streamed[-1]["message"]["content"] == ""
+    deltas = [line["message"]["content"] for line in streamed[:-1]]
+    assert all(line["done"] is False for line in streamed[:-1])
+    return deltas, "".join(deltas)
+
+
+STREAM_REQUESTS = {
+    "native": ("/v1/generate", {"prompt": PROMPT, "stream": True}),
+    "openai": (
+        "/v1/chat/completions",
+        {"model": "medgemma", "messages": [{"role": "user", "content": PROMPT}], "stream": True},
+    ),
+    "ollama": (
+        "/api/chat",
+        {"model": "medgemma", "messages": [{"role": "user", "content": PROMPT}]},
+    ),
+}
+
+
+@pytest.mark.parametrize("dialect", ["native", "openai", "ollama"])
+def test_headers_go_out_before_a_long_hidden_reasoning_block_ends(
+    over_fake: tuple[FakeOllama, str], dialect: str
+) -> None:
+    fake, url = over_fake
+    fake.reply = THOUGHT + "\n\n" + ANSWER
+    fake.chunk_words = 1  # one reasoning word a chunk: the answer starts in chunk 41
+    fake.chunk_delay_s = 0.05
+    path, body = STREAM_REQUESTS[dialect]
+    with (
+        httpx.Client(timeout=30) as http,
+        http.stream("POST", url + path, json=body) as response,
+    ):
+        # The status line is here: how far into the runtime's reply was the server?
+        sent_at_headers = fake.streams[-1].sent
+        assert response.status_code == 200
+        payload = response.read().decode()
+    # The server answered while the model was still reasoning, not once the answer began.
+    assert sent_at_headers < REASONING_PIECES
+    assert fake.streams[-1].completed
+    deltas, final = _visible_texts(dialect, payload)
+    assert deltas and all(deltas)  # no empty delta for the engine's "answered" chunk
+    assert "".join(deltas) == final == ANSWER
+    assert "consider-" not in payload and "unused9" not in payload
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/generate", {"prompt": PROMPT, "max_tokens": 10_000}),
+        (
+            "/v1/chat/completions",
+            {
+                "model": "medgemma",
+                "messages": [{"role": "user", "content": PROMPT}],
+                "max_completion_tokens": 10_000,
+            },
+        ),
+        (
+            "/api/generate",
+            {"model": "medgemma", "prompt": PROMPT, "options": {"num_predict": 10_000}},
+        ),
+    ],
+)
+def test_the_engine_caps_the_output_for_every_dialect(
+    over_fake: tuple[FakeOllama, str], path: str, body: dict[str, Any]
+) -> None:
+    fake, url = over_fake
+    response = httpx.post(url + path, json=body, timeout=30)
+    assert response.status_code == 200, response.text
+    assert fake.chat_bodies[-1]["options"]["num_predict"] == model_facts.MAX_OUTPUT_TOKENS
+
+
+def test_greedy_is_the_default_and_a_stop_string_becomes_a_list(
+    over_fake: tuple[FakeOllama, str],
+) -> None:
+    fake, url = over_fake
+    message = {"role": "user", "content": PROMPT}
+    httpx.post(
+        url + "/v1/chat/completions",
+        json={"model": "medgemma", "messages": [message], "stop": "END"},
+        timeout=30,
+    )
+    options = fake.chat_bodies[-1]["options"]
+    assert options["temperature"] == 0.0
+    assert options["stop"] == ["END"]

@@ -169,13 +169,13 @@ def test_format_schema_returns_json_that_validates(client: ollama.Client, engine
 
 def test_format_json_returns_an_object_or_a_clear_error(client: ollama.Client) -> None:
     # Any object is allowed, so random weights may run past num_predict: then the reply is
-    # refused (502), never handed over as text that is not JSON.
+    # refused (422), never handed over as text that is not JSON.
     try:
         reply = client.generate(
             model=MODEL, prompt=PROMPT, format="json", options={"num_predict": 40}
         )
     except ollama.ResponseError as error:
-        assert error.status_code == 502 and "schema" in error.error
+        assert error.status_code == 422 and "schema" in error.error
     else:
         assert isinstance(json.loads(reply.response), dict)
 
@@ -194,12 +194,17 @@ def test_show_reports_vision_and_the_context_length(client: ollama.Client) -> No
 def test_list_and_ps_name_the_served_model(client: ollama.Client, tiny_model_dir: Path) -> None:
     models = client.list().models
     names = [m.model for m in models]
+    assert names[0] == f"{tiny_model_dir.name}:latest"  # the folder's name, never its path
+    assert not any(str(tiny_model_dir) in (name or "") for name in names)
     assert "medgemma:latest" in names
-    assert str(tiny_model_dir) in names
     assert model_facts.DEFAULT_OLLAMA_MODEL in names  # an Ollama-configured app works unchanged
     assert len({m.digest for m in models}) == 1  # aliases of one model
     running = client.ps().models
     assert len(running) == 1 and running[0].context_length == model_facts.CONTEXT_LENGTH
+    assert running[0].model == names[0]
+    for name in (names[0], str(tiny_model_dir)):  # the folder name and the full path
+        reply = client.generate(model=name, prompt=PROMPT, options={"num_predict": 1})
+        assert reply.done and reply.model == name
 
 
 def test_the_spec_model_id_is_accepted(client: ollama.Client) -> None:
@@ -260,7 +265,7 @@ def test_a_mid_stream_error_is_the_last_line(url: str, client: ollama.Client) ->
     with pytest.raises(ollama.ResponseError):
         list(client.chat(**body, stream=True))
     status = httpx.post(url + "/api/chat", json={**body, "stream": False}, timeout=60)
-    assert status.status_code == 502 and set(status.json()) == {"error"}
+    assert status.status_code == 422 and set(status.json()) == {"error"}
 
 
 def test_num_ctx_is_accepted_and_the_deployment_window_applies(client: ollama.Client) -> None:

@@ -216,8 +216,8 @@ def test_response_format_json_object_is_an_object_or_a_clear_error(
             max_tokens=40,
             response_format={"type": "json_object"},
         )
-    except openai.InternalServerError as error:
-        assert error.status_code == 502 and "schema" in error.message
+    except openai.UnprocessableEntityError as error:
+        assert error.status_code == 422 and "schema" in error.message
     else:
         assert isinstance(json.loads(completion.choices[0].message.content or ""), dict)
 
@@ -236,12 +236,19 @@ def test_sampling_with_a_seed_is_reproducible(client: openai.OpenAI) -> None:
 
 
 def test_models_list_and_retrieve(client: openai.OpenAI, tiny_model_dir: Path) -> None:
-    ids = [m.id for m in client.models.list()]
-    assert ids[0] == str(tiny_model_dir)
+    models = list(client.models.list())
+    ids = [m.id for m in models]
+    assert ids[0] == tiny_model_dir.name  # the weights folder's name, never its path
+    assert str(tiny_model_dir) not in ids
     assert MODEL in ids and model_facts.DEFAULT_HF_MODEL in ids
+    assert {getattr(m, "root", None) for m in models} == {tiny_model_dir.name}
     assert client.models.retrieve(MODEL).id == MODEL
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4o")
+    by_path = client.chat.completions.create(
+        model=str(tiny_model_dir), messages=[user(PROMPT)], max_tokens=1
+    )
+    assert by_path.choices[0].finish_reason in ("stop", "length")
 
 
 def test_an_unknown_model_is_not_found(client: openai.OpenAI) -> None:
@@ -266,14 +273,16 @@ def test_a_mid_stream_error_is_an_error_event(client: openai.OpenAI) -> None:
     with pytest.raises(openai.APIError) as error:
         list(stream)
     assert "schema" in error.value.message
-    with pytest.raises(openai.InternalServerError) as status:
+    # 422, not 5xx: the client would retry a 5xx, and greedy decoding fails the same way.
+    with pytest.raises(openai.UnprocessableEntityError) as status:
         client.chat.completions.create(
             model=MODEL,
             messages=[user(PROMPT)],
             max_tokens=2,
             response_format={"type": "json_schema", "json_schema": {"name": "t", "schema": SCHEMA}},
         )
-    assert status.value.status_code == 502
+    assert status.value.status_code == 422
+    assert status.value.code == "output_invalid"
 
 
 @pytest.mark.parametrize(
@@ -299,3 +308,77 @@ def test_an_invalid_body_is_400_in_openai_shape(url: str) -> None:
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == "messages"
     assert set(error) == {"message", "type", "param", "code"}
+
+
+# ----- the wire itself: the keys strict clients rely on ------------------------------------
+
+
+def sse_events(response: httpx.Response) -> list[Any]:
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = [e.removeprefix("data: ") for e in response.text.split("\n\n") if e.strip()]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_a_completion_has_every_key_openai_sends(url: str, engine: Engine) -> None:
+    response = httpx.post(
+        url + "/v1/chat/completions",
+        json={"model": MODEL, "messages": [user(PROMPT)], "max_tokens": 6},
+        timeout=60,
+    )
+    body = response.json()
+    expected = direct(engine.generate(PROMPT, max_tokens=6))
+    assert {"id", "object", "created", "model", "choices", "usage", "system_fingerprint"} <= set(
+        body
+    )
+    assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
+    assert isinstance(body["created"], int) and body["model"] == MODEL
+    choice = body["choices"][0]
+    assert set(choice) == {"index", "message", "logprobs", "finish_reason"}
+    assert choice["index"] == 0 and choice["logprobs"] is None
+    assert choice["finish_reason"] == ("stop" if expected.finish_reason == "stop" else "length")
+    assert choice["message"] == {"role": "assistant", "content": expected.text, "refusal": None}
+    assert body["usage"] == {
+        "prompt_tokens": expected.prompt_tokens,
+        "completion_tokens": expected.output_tokens,
+        "total_tokens": expected.prompt_tokens + expected.output_tokens,
+    }
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_every_chunk_choice_carries_logprobs_and_finish_reason(
+    url: str, include_usage: bool
+) -> None:
+    response = httpx.post(
+        url + "/v1/chat/completions",
+        json={
+            "model": MODEL,
+            "messages": [user(PROMPT)],
+            "max_tokens": 6,
+            "stream": True,
+            "stream_options": {"include_usage": include_usage},
+        },
+        timeout=60,
+    )
+    chunks = sse_events(response)
+    with_choices = [c for c in chunks if c["choices"]]
+    assert len(with_choices) >= 3  # the role, at least one delta, the finish
+    for chunk in chunks:
+        assert chunk["object"] == "chat.completion.chunk"
+        assert {"id", "created", "model", "system_fingerprint"} <= set(chunk)
+        assert ("usage" in chunk) is include_usage
+    for chunk in with_choices:
+        (choice,) = chunk["choices"]
+        assert set(choice) == {"index", "delta", "logprobs", "finish_reason"}
+        assert choice["index"] == 0 and choice["logprobs"] is None
+    finishes = [c["choices"][0]["finish_reason"] for c in with_choices]
+    assert finishes[:-1] == [None] * (len(finishes) - 1)
+    assert finishes[-1] in ("stop", "length")
+    assert with_choices[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert with_choices[-1]["choices"][0]["delta"] == {}
+    assert all(set(c["choices"][0]["delta"]) == {"content"} for c in with_choices[1:-1])
+    assert "coheara" in with_choices[-1]
+    assert not any("coheara" in c for c in with_choices[:-1])
+    if include_usage:
+        assert all(c["usage"] is None for c in chunks[:-1])
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] > 0

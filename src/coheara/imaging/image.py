@@ -102,9 +102,16 @@ def load_image(
         return _decode_bytes(data, label)
     if isinstance(source, str):
         text = source.strip()
-        if not text.startswith("data:") and _is_file(text):
+        if text.startswith("data:"):
+            return decode_base64_image(text, label=label)
+        if _is_file(text):
             return load_image(Path(text), label=label)
-        return decode_base64_image(text, label=label)
+        try:
+            return decode_base64_image(text, label=label)
+        except ImageError as exc:
+            if "base64" not in exc.message:
+                raise
+            raise ImageError(f"{label} is neither a readable file nor valid base64") from None
     if isinstance(source, bytes | bytearray | memoryview):
         return _decode_bytes(bytes(source), label)
     raise ImageError(f"unsupported image input type {type(source).__name__}")
@@ -131,7 +138,7 @@ def decode_base64_image(data: str, *, label: str = "image") -> PreparedImage:
     try:
         raw = base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError):
-        raise ImageError(f"{label} is neither a readable file nor valid base64") from None
+        raise ImageError(f"{label} is not valid base64") from None
     return _decode_bytes(raw, label)
 
 

@@ -55,7 +55,12 @@ engine: context budget, degeneration guard, structured-output validation.
 Accepted model ids: the backend's own id, the configured names
 (`COHEARA_MODEL`, `COHEARA_OLLAMA_MODEL`, `COHEARA_OPENAI_MODEL`) and
 `medgemma`; case and Ollama's `:latest` tag are ignored. Any other id is a 404.
-Sampling is greedy unless a request sets a temperature.
+A local weights folder is listed by its folder name only (its full path is
+still accepted). Sampling is greedy unless a request sets a temperature; the
+output is capped at the model card's 8192 tokens.
+
+A reply that stays invalid for the requested schema after the repair retries is
+a 422 (`output_invalid`), not a 5xx: greedy decoding would fail the same way again.
 """
 
 TAGS = [

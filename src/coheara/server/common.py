@@ -9,12 +9,12 @@ away, and surfacing errors before or after the first byte all happen here, once.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import json
+import re
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -22,11 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from coheara import model_facts
 from coheara.backends.base import Capabilities, GenerationOptions
 from coheara.engine import Engine, GenerationResult, InputMessage, StreamChunk
-from coheara.errors import ImageError
-from coheara.imaging import PreparedImage, load_image
+from coheara.engine.chat_format import InputRole
+from coheara.imaging import PreparedImage, decode_base64_image
 from coheara.server.errors import ClientGone, Dialect, unknown_model
 from coheara.settings import Settings
 
@@ -49,24 +48,19 @@ class ServerState:
     engine: Engine
     settings: Settings
     _names: list[str] | None = None
+    _accepted: set[str] | None = None
 
     async def capabilities(self) -> Capabilities:
         return await self.engine.capabilities()
 
-    async def window(self) -> int:
-        """The context window in force: the deployment's, never more than the model's."""
-        capabilities = await self.capabilities()
-        declared = self.engine.backend.context_window
-        trained = capabilities.context_length
-        return min(declared, trained) if declared else trained
-
     async def model_names(self) -> list[str]:
-        """The ids this server answers to, the backend's own first.
+        """The ids this server advertises, the backend's own first.
 
-        Accepted: the backend's model id (`capabilities().model`), the configured model
+        Advertised: the backend's model id (`capabilities().model`), the configured model
         names (`COHEARA_MODEL`, `COHEARA_OLLAMA_MODEL`, `COHEARA_OPENAI_MODEL`, so an
-        application configured for Ollama or vLLM works unchanged) and "medgemma".
-        Matching ignores case and Ollama's implicit ":latest" tag.
+        application configured for Ollama or vLLM works unchanged) and "medgemma". A
+        weights folder is advertised by its folder name only: a client never learns the
+        server's file layout (the full path is still accepted, see `check_model`).
         """
         if self._names is None:
             capabilities = await self.capabilities()
@@ -78,19 +72,60 @@ class ServerState:
                 ALIAS,
             ]
             names: list[str] = []
+            accepted: set[str] = set()
             for name in candidates:
-                if name and _normal(name) not in {_normal(n) for n in names}:
-                    names.append(name)
-            self._names = names
+                if not name:
+                    continue
+                public = public_model_name(name)
+                accepted |= {_normal(name), _normal(public)}
+                if _normal(public) not in {_normal(n) for n in names}:
+                    names.append(public)
+            self._names, self._accepted = names, accepted
         return self._names
 
     async def check_model(self, name: str | None, dialect: Dialect) -> None:
-        """Refuse any id that is not ours, in the dialect's own words (404)."""
+        """Refuse any id that is not ours, in the dialect's own words (404).
+
+        Matching ignores case and Ollama's implicit ":latest" tag; a weights folder is
+        accepted by its full path as well as by its advertised folder name.
+        """
         if name is None:
             return
         names = await self.model_names()
-        if _normal(name) not in {_normal(n) for n in names}:
+        assert self._accepted is not None
+        if _normal(name) not in self._accepted:
             raise unknown_model(dialect, name, names)
+
+
+_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
+
+
+def is_filesystem_path(name: str) -> bool:
+    """Whether a model id names a folder (Transformers weights) rather than a registry id."""
+    if name in (".", "..") or name.startswith(("/", "./", "../", "~")):
+        return True
+    if "\\" in name or _WINDOWS_DRIVE.match(name):  # a Windows path
+        return True
+    try:
+        return Path(name).is_dir()  # a relative folder, such as "models/medgemma"
+    except (OSError, ValueError):
+        return False
+
+
+def public_model_name(name: str) -> str:
+    """A weights folder's final name (never its path); any other id unchanged."""
+    if not is_filesystem_path(name):
+        return name
+    path = Path(name.replace("\\", "/")).expanduser()
+    return path.name or path.resolve().name or ALIAS
+
+
+def published(result: GenerationResult) -> GenerationResult:
+    """The result as a client sees it: the model named by its advertised id, never a path."""
+    public = public_model_name(result.model)
+    if public == result.model:
+        return result
+    return result.model_copy(update={"model": public})
 
 
 def _normal(name: str) -> str:
@@ -107,26 +142,56 @@ def get_state(request: Request) -> ServerState:
 # ----- the call -----------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Turn:
+    """One message as a dialect received it, its images still base64 or data URIs."""
+
+    role: InputRole
+    text: str = ""
+    images: Sequence[str] = ()
+
+
+async def decode_turns(turns: Sequence[Turn]) -> list[InputMessage]:
+    """The conversation in the engine's terms, images numbered across all turns.
+
+    Decoding and resizing happen off the event loop (an 896x896 resize of a large scan
+    takes a while), all images in one go; a server never opens a path or a URL a
+    client names (`decode_base64_image`).
+    """
+
+    def convert() -> list[InputMessage]:
+        messages: list[InputMessage] = []
+        count = 0
+        for turn in turns:
+            images: list[PreparedImage] = []
+            for data in turn.images:
+                count += 1
+                images.append(decode_base64_image(data, label=f"image {count}"))
+            messages.append(InputMessage(turn.role, turn.text, tuple(images)))
+        return messages
+
+    if not any(turn.images for turn in turns):
+        return convert()
+    return await asyncio.to_thread(convert)
+
+
 @dataclass
 class EngineCall:
     """A dialect's request, in the engine's terms."""
 
     messages: list[InputMessage] = field(default_factory=list)
-    prompt: str | None = None
-    system: str | None = None
-    images: list[PreparedImage] = field(default_factory=list)
     schema: dict[str, Any] | None = None
     options: GenerationOptions = field(default_factory=GenerationOptions)
 
     def stream(self, engine: Engine) -> AsyncGenerator[StreamChunk, None]:
-        """Every dialect's way in: `Engine.stream`, so budget, guards and validation apply."""
+        """Every dialect's way in: `Engine.stream`, so budget, guards and validation apply.
+
+        Besides text deltas and the closing result, the engine yields an empty chunk as
+        soon as the backend has answered (even while hidden reasoning is held back):
+        `open_stream` needs it, and every dialect sends nothing for it.
+        """
         return engine.stream(
-            self.prompt,
-            system=self.system,
-            images=self.images,
-            messages=self.messages or None,
-            schema=self.schema,
-            options=self.options,
+            messages=self.messages or None, schema=self.schema, options=self.options
         )
 
 
@@ -140,46 +205,19 @@ def build_options(
     seed: int | None = None,
     stop: str | Sequence[str] | None = None,
 ) -> GenerationOptions:
-    """Greedy unless the caller asks otherwise (the clinical default), output capped by the card."""
+    """Greedy unless the caller asks otherwise (the clinical default); one stop list.
+
+    The output cap of the model card is the engine's to apply, for every caller alike.
+    """
     if isinstance(stop, str):
         stop = [stop]
     return GenerationOptions(
-        max_tokens=min(
-            max_tokens if max_tokens is not None else settings.max_output_tokens,
-            model_facts.MAX_OUTPUT_TOKENS,
-        ),
+        max_tokens=max_tokens if max_tokens is not None else settings.max_output_tokens,
         temperature=temperature if temperature is not None else 0.0,
         top_p=top_p,
         top_k=top_k,
         seed=seed,
         stop=tuple(s for s in (stop or ()) if s),
-    )
-
-
-def _decode(data: str, label: str) -> PreparedImage:
-    """Base64 or a data URI only: a server never opens a path or a URL a client names."""
-    text = data.strip()
-    if text.startswith("data:"):
-        head, _, text = text.partition(",")
-        if ";base64" not in head:
-            raise ImageError(f"{label}: a data URI must be base64-encoded")
-    elif text.startswith(("http://", "https://", "file:")):
-        raise ImageError(
-            f"{label}: remote or file URLs are not fetched", hint="send the image as base64"
-        )
-    try:
-        raw = base64.b64decode("".join(text.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise ImageError(f"{label} is not valid base64") from None
-    return load_image(raw, label=label)
-
-
-async def decode_images(items: Sequence[str], *, first: int = 1) -> list[PreparedImage]:
-    """Decode and resize off the event loop: an 896x896 resize of a large scan takes a while."""
-    if not items:
-        return []
-    return await asyncio.to_thread(
-        lambda: [_decode(item, f"image {first + i}") for i, item in enumerate(items)]
     )
 
 
@@ -264,11 +302,11 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
 
 
 async def collect(chunks: AsyncGenerator[StreamChunk, None]) -> GenerationResult:
-    """Drain an engine stream to its result, closing it whatever happens."""
+    """Drain an engine stream to its (published) result, closing it whatever happens."""
     try:
         async for chunk in chunks:
             if chunk.result is not None:
-                return chunk.result
+                return published(chunk.result)
     finally:
         await chunks.aclose()
     raise RuntimeError("the engine stream ended without a result")
@@ -282,8 +320,10 @@ async def run_once(request: Request, engine: Engine, call: EngineCall) -> Genera
 class OpenedStream:
     """An engine stream whose first chunk has arrived, so early errors had their HTTP status.
 
-    Iterate it for every chunk (the first one included); a dialect's body generator
-    must call `aclose()` in its `finally`, which stops the engine and the backend.
+    Iterate it for every chunk (the first one included; its result, if any, published);
+    a chunk with neither text nor result only says that the backend has answered, and a
+    dialect sends nothing for it. A dialect's body generator must call `aclose()` in its
+    `finally`, which stops the engine and the backend.
     """
 
     def __init__(self, first: StreamChunk, rest: AsyncGenerator[StreamChunk, None]) -> None:
@@ -295,19 +335,24 @@ class OpenedStream:
 
     async def __anext__(self) -> StreamChunk:
         if self._first is not None:
-            first, self._first = self._first, None
-            return first
-        return await self._rest.__anext__()
+            chunk, self._first = self._first, None
+        else:
+            chunk = await self._rest.__anext__()
+        if chunk.result is not None:
+            chunk = chunk.model_copy(update={"result": published(chunk.result)})
+        return chunk
 
     async def aclose(self) -> None:
         await self._rest.aclose()
 
 
 async def open_stream(request: Request, engine: Engine, call: EngineCall) -> OpenedStream:
-    """Start streaming, but wait for the first chunk before the status line goes out.
+    """Start streaming, but wait for the engine's first chunk before the status line goes out.
 
     Bad input, an unknown capability or a context overflow is then a proper 4xx in the
-    dialect's shape; only what fails after the first token travels inside the stream.
+    dialect's shape; only what fails after the backend answered travels inside the
+    stream. The engine yields an empty chunk as soon as the backend answers, so the
+    headers go out then, not after a long hidden-reasoning block.
     """
     chunks = call.stream(engine)
 

@@ -89,10 +89,14 @@ def _responses(model: type[BaseModel], statuses: dict[int, str]) -> dict[int | s
     return {status: {"model": model, "description": text} for status, text in statuses.items()}
 
 
+_OUTPUT_UNUSABLE = (
+    "The model's output was unusable (invalid for the schema after the repair retries); "
+    "not worth retrying unchanged: greedy decoding fails the same way again"
+)
 _COMMON = {
     404: "Unknown model",
     500: "Internal error",
-    502: "The backend failed or its output was unusable",
+    502: "The backend failed",
     503: "The backend is unavailable or overloaded",
     504: "The backend timed out",
 }
@@ -100,14 +104,18 @@ NATIVE_ERROR_RESPONSES = _responses(
     NativeError,
     {
         400: "Invalid request, invalid image, unsupported capability or context overflow",
-        422: "The body does not match the schema",
+        422: "The body does not match the request schema (validation_error), or "
+        f"(output_invalid): {_OUTPUT_UNUSABLE}",
         **_COMMON,
     },
 )
 OPENAI_ERROR_RESPONSES = _responses(
-    OpenAIError, {400: "Invalid request or context overflow", **_COMMON}
+    OpenAIError,
+    {400: "Invalid request or context overflow", 422: _OUTPUT_UNUSABLE, **_COMMON},
 )
-OLLAMA_ERROR_RESPONSES = _responses(OllamaError, {400: "Invalid request", **_COMMON})
+OLLAMA_ERROR_RESPONSES = _responses(
+    OllamaError, {400: "Invalid request", 422: _OUTPUT_UNUSABLE, **_COMMON}
+)
 
 
 # ----- mapping ------------------------------------------------------------------------

@@ -16,13 +16,14 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from coheara import model_facts
-from coheara.engine import ExtractionResult, GenerationResult, InputMessage
+from coheara.engine import ExtractionResult, GenerationResult
 from coheara.server.common import (
     NDJSON,
     EngineCall,
     ServerState,
+    Turn,
     build_options,
-    decode_images,
+    decode_turns,
     get_state,
     ndjson,
     ndjson_response,
@@ -73,8 +74,8 @@ class GenerateRequest(BaseModel):
     max_tokens: int | None = Field(
         None,
         ge=1,
-        le=model_facts.MAX_OUTPUT_TOKENS,
-        description="Default COHEARA_MAX_OUTPUT_TOKENS.",
+        description="Default COHEARA_MAX_OUTPUT_TOKENS; the engine caps it at the model "
+        f"card's {model_facts.MAX_OUTPUT_TOKENS}.",
     )
     temperature: float | None = Field(None, ge=0, le=2, description="Default 0: greedy.")
     top_p: float | None = Field(None, gt=0, le=1)
@@ -128,17 +129,13 @@ async def _call(
     body: GenerateRequest, state: ServerState, schema: dict[str, Any] | None
 ) -> EngineCall:
     await state.check_model(body.model, Dialect.NATIVE)
-    messages: list[InputMessage] = []
-    count = 0
-    for message in body.messages or ():
-        images = await decode_images(message.images, first=count + 1)
-        count += len(images)
-        messages.append(InputMessage(message.role, message.content, tuple(images)))
+    # The engine's own order: the system text, the messages, then the prompt and its images.
+    turns = [Turn("system", body.system)] if body.system else []
+    turns += [Turn(m.role, m.content, m.images) for m in body.messages or ()]
+    if body.prompt is not None or body.images:
+        turns.append(Turn("user", body.prompt or "", body.images))
     return EngineCall(
-        messages=messages,
-        prompt=body.prompt,
-        system=body.system,
-        images=await decode_images(body.images, first=count + 1),
+        messages=await decode_turns(turns),
         schema=schema,
         options=build_options(
             state.settings,
@@ -162,7 +159,7 @@ async def _answer(request: Request, state: ServerState, call: EngineCall, stream
             async for chunk in opened:
                 if chunk.result is not None:
                     yield ndjson({"type": "result", "result": chunk.result.model_dump(mode="json")})
-                elif chunk.text:
+                elif chunk.text:  # an empty chunk only says the backend has answered
                     yield ndjson({"type": "delta", "text": chunk.text, "attempt": chunk.attempt})
         except Exception as exc:
             yield ndjson({"type": "error", "error": as_coheara_error(exc).to_dict()})

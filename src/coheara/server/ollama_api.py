@@ -25,8 +25,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from coheara import model_facts
-from coheara.backends.base import Capabilities
-from coheara.engine import GenerationResult, InputMessage
+from coheara.backends.base import Capabilities, GenerationOptions
+from coheara.engine import GenerationResult
 from coheara.errors import InvalidRequestError
 from coheara.server.common import (
     NDJSON,
@@ -35,8 +35,9 @@ from coheara.server.common import (
     Evidence,
     OpenedStream,
     ServerState,
+    Turn,
     build_options,
-    decode_images,
+    decode_turns,
     get_state,
     ndjson,
     ndjson_response,
@@ -204,9 +205,11 @@ class VersionResponse(BaseModel):
 
 
 def _tagged(name: str) -> str:
-    """Ollama lists every name with a tag; an untagged name means ":latest" (not for paths)."""
-    tail = name.rsplit("/", 1)[-1]
-    if ":" in tail or name.startswith(("/", ".", "~")) or "\\" in name:
+    """Ollama lists every name with a tag; an untagged name means ":latest".
+
+    Advertised names are never paths (`ServerState.model_names`), so each takes a tag.
+    """
+    if ":" in name.rsplit("/", 1)[-1]:
         return name
     return f"{name}:latest"
 
@@ -310,7 +313,7 @@ def _schema(fmt: Format) -> dict[str, Any] | None:
     return fmt
 
 
-def _options(state: ServerState, options: OllamaOptions | None) -> Any:
+def _options(state: ServerState, options: OllamaOptions | None) -> GenerationOptions:
     options = options or OllamaOptions.model_validate({})
     predict = options.num_predict
     return build_options(
@@ -392,7 +395,7 @@ async def _lines(
                         {"model": model, "created_at": _timestamp(), **wrap(text), "done": False}
                     )
                 yield ndjson({**_final(model, chunk.result), **wrap("")})
-            elif chunk.text and not structured:
+            elif chunk.text and not structured:  # an empty chunk: the backend has answered
                 yield ndjson(
                     {"model": model, "created_at": _timestamp(), **wrap(chunk.text), "done": False}
                 )
@@ -431,16 +434,15 @@ async def chat(
         return _load_reply(
             body.model, body.keep_alive, "message", {"role": "assistant", "content": ""}
         )
-    messages: list[InputMessage] = []
-    count = 0
+    turns: list[Turn] = []
     for message in body.messages:
         if message.role == "tool":
             raise InvalidRequestError(f'"{body.model}" does not support tools')
-        images = await decode_images(message.images or [], first=count + 1)
-        count += len(images)
-        messages.append(InputMessage(message.role, message.content or "", tuple(images)))
+        turns.append(Turn(message.role, message.content or "", message.images or ()))
     call = EngineCall(
-        messages=messages, schema=_schema(body.format), options=_options(state, body.options)
+        messages=await decode_turns(turns),
+        schema=_schema(body.format),
+        options=_options(state, body.options),
     )
     return await _answer(
         request,
@@ -469,10 +471,10 @@ async def generate(
         raise InvalidRequestError(f'"{body.model}" does not support insert')
     if not body.prompt and not body.images:
         return _load_reply(body.model, body.keep_alive, "response", "")
+    turns = [Turn("system", body.system)] if body.system else []
+    turns.append(Turn("user", body.prompt or "", body.images or ()))
     call = EngineCall(
-        prompt=body.prompt or "",
-        system=body.system,
-        images=await decode_images(body.images or []),
+        messages=await decode_turns(turns),
         schema=_schema(body.format),
         options=_options(state, body.options),
     )
@@ -492,7 +494,7 @@ async def ps(state: Annotated[ServerState, Depends(get_state)]) -> PsResponse:
     """The one model, loaded for as long as the server runs."""
     capabilities = await state.capabilities()
     entry = (await _entries(state))[0]
-    window = await state.window()
+    window = await state.engine.context_window()
     on_gpu = str(capabilities.details.get("device", "")).startswith("cuda")
     return PsResponse(
         models=[
@@ -522,7 +524,7 @@ async def show(
     names = await state.model_names()
     await state.check_model(name, Dialect.OLLAMA)
     capabilities = await state.capabilities()
-    window = await state.window()
+    window = await state.engine.context_window()
     return ShowResponse(
         modelfile=f"# Served by Coheara from {capabilities.backend}\nFROM {names[0]}\n",
         parameters=f"num_ctx {window}\ntemperature 0\nstop {model_facts.END_OF_TURN}",

@@ -26,17 +26,17 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from coheara import __version__
-from coheara.engine import GenerationResult, InputMessage
+from coheara.engine import GenerationResult
 from coheara.errors import InvalidRequestError
-from coheara.imaging import PreparedImage
 from coheara.server.common import (
     PERMISSIVE_OBJECT_SCHEMA,
     EngineCall,
     Evidence,
     OpenedStream,
     ServerState,
+    Turn,
     build_options,
-    decode_images,
+    decode_turns,
     get_state,
     open_stream,
     run_once,
@@ -155,44 +155,65 @@ class AssistantMessage(BaseModel):
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    finish_reason: str = Field(description="stop or length (a stopped loop reports length).")
     logprobs: None = None
+    finish_reason: str = Field(description="stop or length (a stopped loop reports length).")
 
 
 class ChatCompletion(BaseModel):
+    """OpenAI's `chat.completion`, every key present (nulls included), as strict clients expect."""
+
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
     choices: list[Choice]
     usage: Usage
-    system_fingerprint: str
+    system_fingerprint: str | None = None
     coheara: Evidence | None = Field(None, description="Coheara's evidence (extension).")
 
 
 class Delta(BaseModel):
+    """Only the keys that are set go on the wire: `role` on the first chunk, then `content`."""
+
     role: Literal["assistant"] | None = None
     content: str | None = None
 
 
 class ChunkChoice(BaseModel):
+    """`logprobs` is always null; `finish_reason` null until the closing chunk."""
+
     index: int = 0
     delta: Delta
-    finish_reason: str | None = None
     logprobs: None = None
+    finish_reason: str | None = None
 
 
 class ChatCompletionChunk(BaseModel):
-    """One SSE event's data; the stream ends with `data: [DONE]`."""
+    """One SSE event's data; the stream ends with `data: [DONE]`.
+
+    `usage` is present (null but on the last chunk) only with
+    `stream_options.include_usage`; `coheara` only on the closing chunk.
+    """
 
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
+    system_fingerprint: str | None = None
     choices: list[ChunkChoice]
     usage: Usage | None = None
-    system_fingerprint: str
     coheara: Evidence | None = None
+
+    def wire(self, include_usage: bool) -> dict[str, Any]:
+        """OpenAI's shape: every choice key present, the delta only with what it carries."""
+        data = self.model_dump(mode="json")
+        for choice in data["choices"]:
+            choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+        if not include_usage:
+            del data["usage"]
+        if data["coheara"] is None:
+            del data["coheara"]
+        return data
 
 
 class ModelCard(BaseModel):
@@ -216,7 +237,7 @@ def _refuse(message: str, param: str) -> InvalidRequestError:
     return InvalidRequestError(message, param=param)
 
 
-async def _message(message: ChatMessage, index: int, first_image: int) -> InputMessage:
+def _turn(message: ChatMessage, index: int) -> Turn:
     if message.role in ("tool", "function"):
         raise _refuse("tool and function messages are not supported", f"messages[{index}].role")
     role: Literal["system", "user", "assistant"]
@@ -228,16 +249,10 @@ async def _message(message: ChatMessage, index: int, first_image: int) -> InputM
         role = "user"
     content = message.content
     if content is None or isinstance(content, str):
-        return InputMessage(role, content or "")
-    texts: list[str] = []
-    urls: list[str] = []
-    for part in content:
-        if isinstance(part, TextPart):
-            texts.append(part.text)
-        else:
-            urls.append(part.image_url.url)
-    images: list[PreparedImage] = await decode_images(urls, first=first_image)
-    return InputMessage(role, "\n".join(texts), tuple(images))
+        return Turn(role, content or "")
+    texts = [part.text for part in content if isinstance(part, TextPart)]
+    urls = [part.image_url.url for part in content if isinstance(part, ImagePart)]
+    return Turn(role, "\n".join(texts), urls)
 
 
 def _schema(body: ChatCompletionRequest) -> dict[str, Any] | None:
@@ -256,15 +271,10 @@ async def _call(body: ChatCompletionRequest, state: ServerState) -> EngineCall:
         raise _refuse("logprobs are not supported", "logprobs")
     if body.tools:
         raise _refuse("tools are not supported", "tools")
-    messages: list[InputMessage] = []
-    count = 0
-    for index, message in enumerate(body.messages):
-        converted = await _message(message, index, count + 1)
-        count += len(converted.images)
-        messages.append(converted)
+    turns = [_turn(message, index) for index, message in enumerate(body.messages)]
     top_k = body.top_k if body.top_k is not None and body.top_k > 0 else None
     return EngineCall(
-        messages=messages,
+        messages=await decode_turns(turns),
         schema=_schema(body),
         options=build_options(
             state.settings,
@@ -359,10 +369,7 @@ async def _events(
             choices=[ChunkChoice(delta=delta, finish_reason=finish)],
             coheara=Evidence.of(result) if result else None,
         )
-        data = event.model_dump(mode="json", exclude_none=True)
-        if include_usage:
-            data["usage"] = None  # as OpenAI: every chunk but the last has "usage": null
-        return sse(data)
+        return sse(event.wire(include_usage))
 
     try:
         yield chunk(Delta(role="assistant", content=""))
@@ -373,13 +380,9 @@ async def _events(
                     yield chunk(Delta(content=structured_content(result)))
                 yield chunk(Delta(), wire_finish_reason(result), result)
                 if include_usage:
-                    usage = ChatCompletionChunk(
-                        **head,
-                        choices=[],
-                        usage=_usage(result),
-                    )
-                    yield sse(usage.model_dump(mode="json"))
-            elif part.text and not structured:
+                    usage = ChatCompletionChunk(**head, choices=[], usage=_usage(result))
+                    yield sse(usage.wire(include_usage))
+            elif part.text and not structured:  # an empty chunk: the backend has answered
                 yield chunk(Delta(content=part.text))
     except Exception as exc:
         yield sse(openai_body(as_coheara_error(exc)))
@@ -389,7 +392,7 @@ async def _events(
 
 
 async def _cards(state: ServerState) -> list[ModelCard]:
-    window = await state.window()
+    window = await state.engine.context_window()
     names = await state.model_names()
     return [
         ModelCard(id=name, created=_CREATED, root=names[0], max_model_len=window) for name in names
