@@ -17,12 +17,9 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
@@ -33,7 +30,7 @@ from rich.table import Table
 from coheara import Engine, load_settings
 from coheara.backends.transformers_backend import TransformersBackend
 from coheara.dev.tiny_model import build_tiny_model
-from coheara.server.background import free_port
+from coheara.server.background import serve_in_process
 
 PROMPT = "Draft a one-line handoff: 71-year-old, day 2 after hip replacement, pain controlled."
 Timing = tuple[float, float, int]  # time to first token (s), total (s), output tokens
@@ -143,50 +140,14 @@ def _ms(values: list[float], q: float = 0.5) -> float:
     return 1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-@contextmanager
-def server_process(model_dir: str) -> Iterator[str]:
-    """`coheara serve` in its own process, as deployed, with the same one torch thread."""
-    port = free_port()
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "COHEARA_MODEL": ""}
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "coheara.cli.main",
-            "serve",
-            "--backend",
-            "transformers",
-            "--model",
-            model_dir,
-            "--port",
-            str(port),
-        ],
-        env=environment,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("coheara serve did not start")
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
 async def main(rounds: int, max_tokens: int, levels: list[int]) -> None:
     torch.set_num_threads(1)  # the tiny model's matrices only lose time in a thread pool
     console = Console(width=150)
-    with tempfile.TemporaryDirectory() as tmp, server_process(tmp_model(tmp)) as url:
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same one torch thread
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        serve_in_process(tmp_model(tmp), env=environment) as (url, _),
+    ):
         engine = Engine(TransformersBackend(tmp, device="cpu"), load_settings())
         async with httpx.AsyncClient(base_url=url, timeout=300) as client:
             paths: dict[str, Callable[[], Awaitable[Timing]]] = {

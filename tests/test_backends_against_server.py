@@ -10,16 +10,12 @@ reply differently on each side would hide what these tests check.
 from __future__ import annotations
 
 import asyncio
-import io
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import jsonschema
-import numpy as np
 import pytest
-from PIL import Image
 
 from coheara import Engine, Settings, model_facts
 from coheara.backends.base import Backend
@@ -28,31 +24,15 @@ from coheara.backends.openai_compat import OpenAIBackend
 from coheara.backends.transformers_backend import TransformersBackend
 from coheara.errors import ContextOverflowError, ModelNotFoundError
 from coheara.server import create_app
+from samples import SYSTEM, TRIAGE_SCHEMA, noise_png
 from servers import serve
 
 SETTINGS = Settings(max_output_tokens=16, guard_enabled=False)
-SYSTEM = "You are a careful clinical assistant."
 PROMPT = "Summarise: chest pain radiating to the left arm."
-SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "urgent": {"type": "boolean"},
-        "side": {"enum": ["left", "right", "both"]},
-    },
-    "required": ["urgent", "side"],
-    "additionalProperties": False,
-}
 CLIENT_NUM_CTX = 8192
 KINDS = ["ollama", "openai"]
 
 BackendFactory = Callable[..., Backend]
-
-
-def png(seed: int = 0) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 255, (48, 64, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +113,7 @@ async def test_streamed_chunks_join_to_the_same_text(remote: Engine, server_engi
 async def test_an_image_adds_its_prompt_tokens_through_the_wire(
     remote: Engine, server_engine: Engine
 ) -> None:
-    image = png(3)
+    image = noise_png(3, (64, 48))
     text_only = await remote.generate(PROMPT, max_tokens=4)
     with_image = await remote.generate(PROMPT, images=[image], max_tokens=4)
     assert with_image.prompt_tokens - text_only.prompt_tokens == model_facts.IMAGE_PROMPT_TOKENS
@@ -143,8 +123,8 @@ async def test_an_image_adds_its_prompt_tokens_through_the_wire(
 
 
 async def test_extract_returns_a_schema_valid_object(remote: Engine) -> None:
-    result = await remote.extract(PROMPT, schema=SCHEMA, max_tokens=60)
-    jsonschema.validate(result.value, SCHEMA)
+    result = await remote.extract(PROMPT, schema=TRIAGE_SCHEMA, max_tokens=60)
+    jsonschema.validate(result.value, TRIAGE_SCHEMA)
     assert set(result.value) == {"urgent", "side"}
     assert result.finish_reason == "stop"
 

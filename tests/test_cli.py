@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 from PIL import Image
 
 from coheara import model_facts
+from coheara.server.background import serve_in_process
 from fakes import FakeOllama, OllamaModel
 from servers import free_port, serve
 
@@ -334,42 +334,11 @@ def test_doctor_without_a_backend_says_what_to_do(environment: dict[str, str]) -
 def test_serve_answers_the_ollama_and_openai_dialects(
     environment: dict[str, str], tiny_model_dir: Path
 ) -> None:
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "coheara.cli.main",
-            "serve",
-            "--backend",
-            "transformers",
-            "--model",
-            str(tiny_model_dir),
-            "--port",
-            str(port),
-        ],
-        env=environment,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.2)
+    with serve_in_process(str(tiny_model_dir), env=environment, capture=True) as (url, process):
         assert httpx.get(url + "/api/version").json()["version"]
         models = httpx.get(url + "/v1/models").json()["data"]
         assert any(m["id"] == "medgemma" for m in models)
-    finally:
-        process.terminate()
-        _, err = process.communicate(timeout=30)
+        port = url.rsplit(":", 1)[1]
+    _, err = process.communicate(timeout=30)
     assert "Traceback" not in err
     assert f"127.0.0.1:{port}" in err

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import json
 import threading
 import time
@@ -19,9 +18,7 @@ from typing import Any
 
 import httpx
 import jsonschema
-import numpy as np
 import pytest
-from PIL import Image
 
 from coheara import Engine, Settings, model_facts
 from coheara.backends.base import Backend, Capabilities, ChatRequest, Health, StreamEvent
@@ -30,28 +27,12 @@ from coheara.backends.transformers_backend import TransformersBackend
 from coheara.errors import BackendError
 from coheara.server import create_app
 from fakes import FakeOllama, OllamaModel
+from samples import SYSTEM, TRIAGE_SCHEMA, noise_png
 from servers import serve
 
 FAKE_MODEL = model_facts.DEFAULT_OLLAMA_MODEL
 
-SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "urgent": {"type": "boolean"},
-        "side": {"enum": ["left", "right", "both"]},
-    },
-    "required": ["urgent", "side"],
-    "additionalProperties": False,
-}
-SYSTEM = "You are a careful clinical assistant."
 PROMPT = "Summarise: chest pain radiating to the left arm."
-
-
-def png(seed: int = 0, size: tuple[int, int] = (64, 48)) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def b64(data: bytes) -> str:
@@ -135,7 +116,7 @@ def test_streaming_concatenates_to_the_non_streamed_result(client: httpx.Client)
 
 
 def test_messages_form_equals_prompt_form(client: httpx.Client) -> None:
-    image = b64(png(1))
+    image = b64(noise_png(1))
     as_prompt = client.post(
         "/v1/generate",
         json={"system": SYSTEM, "prompt": PROMPT, "images": [image], "max_tokens": 8},
@@ -157,7 +138,7 @@ def test_messages_form_equals_prompt_form(client: httpx.Client) -> None:
 def test_an_image_costs_its_prompt_tokens_and_matches_the_engine(
     client: httpx.Client, engine: Engine
 ) -> None:
-    image = png(2)
+    image = noise_png(2)
     text_only = client.post("/v1/generate", json={"prompt": PROMPT, "max_tokens": 4}).json()
     plain = client.post(
         "/v1/generate", json={"prompt": PROMPT, "images": [b64(image)], "max_tokens": 4}
@@ -181,25 +162,25 @@ def test_extract_returns_a_schema_valid_value_equal_to_the_engine(
     client: httpx.Client, engine: Engine
 ) -> None:
     response = client.post(
-        "/v1/extract", json={"prompt": PROMPT, "schema": SCHEMA, "max_tokens": 40}
+        "/v1/extract", json={"prompt": PROMPT, "schema": TRIAGE_SCHEMA, "max_tokens": 40}
     )
     assert response.status_code == 200, response.text
     body = response.json()
-    jsonschema.validate(body["value"], SCHEMA)
+    jsonschema.validate(body["value"], TRIAGE_SCHEMA)
     assert json.loads(body["text"]) == body["value"]
     assert body["finish_reason"] == "stop"
-    expected = direct(engine.extract(PROMPT, schema=SCHEMA, max_tokens=40))
+    expected = direct(engine.extract(PROMPT, schema=TRIAGE_SCHEMA, max_tokens=40))
     assert body["value"] == expected.value
     assert body["prompt_tokens"] == expected.prompt_tokens
 
 
 def test_extract_streams_and_ends_with_the_validated_value(client: httpx.Client) -> None:
-    request = {"prompt": PROMPT, "schema": SCHEMA, "max_tokens": 40}
+    request = {"prompt": PROMPT, "schema": TRIAGE_SCHEMA, "max_tokens": 40}
     whole = client.post("/v1/extract", json=request).json()
     streamed = lines(client.post("/v1/extract", json={**request, "stream": True}))
     last = streamed[-1]
     assert last["type"] == "result"
-    jsonschema.validate(last["result"]["value"], SCHEMA)
+    jsonschema.validate(last["result"]["value"], TRIAGE_SCHEMA)
     assert last["result"]["value"] == whole["value"]
     first_attempt = "".join(
         line["text"] for line in streamed[:-1] if line["type"] == "delta" and line["attempt"] == 1
@@ -240,7 +221,7 @@ def test_a_request_too_large_for_the_window_is_refused_with_the_numbers(
     [
         "not base64 at all!",
         b64(b"plain text, not an image"),
-        b64(png(3))[:-40],
+        b64(noise_png(3))[:-40],
         "data:image/png,rawdata",
         "/etc/hostname",  # a path: the server never opens files a client names
         "https://127.0.0.1:9/x.png",  # a URL: the server never fetches
@@ -303,7 +284,8 @@ def test_a_mid_stream_error_arrives_as_the_last_line(client: httpx.Client) -> No
     # Two tokens cannot hold a valid object: the deltas go out, then every attempt
     # (repairs, then field by field) is cut at max_tokens and validation fails.
     response = client.post(
-        "/v1/extract", json={"prompt": PROMPT, "schema": SCHEMA, "max_tokens": 2, "stream": True}
+        "/v1/extract",
+        json={"prompt": PROMPT, "schema": TRIAGE_SCHEMA, "max_tokens": 2, "stream": True},
     )
     assert response.status_code == 200
     streamed = lines(response)
@@ -311,7 +293,9 @@ def test_a_mid_stream_error_arrives_as_the_last_line(client: httpx.Client) -> No
     assert all(line["type"] == "delta" for line in streamed[:-1])
     assert streamed[-1]["type"] == "error"
     assert streamed[-1]["error"]["code"] == "output_invalid"
-    same = client.post("/v1/extract", json={"prompt": PROMPT, "schema": SCHEMA, "max_tokens": 2})
+    same = client.post(
+        "/v1/extract", json={"prompt": PROMPT, "schema": TRIAGE_SCHEMA, "max_tokens": 2}
+    )
     # 422, not 5xx: greedy decoding would fail the same way again, and clients retry 5xx.
     assert same.status_code == 422
     assert same.json()["error"]["code"] == "output_invalid"

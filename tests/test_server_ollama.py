@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import json
 from collections.abc import Iterator
 from datetime import datetime
@@ -18,36 +17,18 @@ from typing import Any
 
 import httpx
 import jsonschema
-import numpy as np
 import ollama
 import pytest
-from PIL import Image
 
 from coheara import Engine, Settings, model_facts
 from coheara.backends.transformers_backend import TransformersBackend
 from coheara.server import create_app
+from samples import SYSTEM, TRIAGE_SCHEMA, noise_png
 from servers import serve
 
 MODEL = "medgemma"
-SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "urgent": {"type": "boolean"},
-        "side": {"enum": ["left", "right", "both"]},
-    },
-    "required": ["urgent", "side"],
-    "additionalProperties": False,
-}
-SYSTEM = "You are a careful clinical assistant."
 PROMPT = "Summarise: fever and productive cough for three days."
 OPTIONS = {"num_predict": 12}
-
-
-def png(seed: int = 0) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 255, (40, 56, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +105,7 @@ def test_generate_with_system_equals_the_engine(client: ollama.Client, engine: E
 
 
 def test_an_image_is_read_and_costs_its_tokens(client: ollama.Client, engine: Engine) -> None:
-    image = png(4)
+    image = noise_png(4, (56, 40))
     with_image = client.chat(
         model=MODEL,
         messages=[{"role": "user", "content": PROMPT, "images": [image]}],
@@ -148,18 +129,18 @@ def test_format_schema_returns_json_that_validates(client: ollama.Client, engine
     reply = client.chat(
         model=MODEL,
         messages=[{"role": "user", "content": PROMPT}],
-        format=SCHEMA,
+        format=TRIAGE_SCHEMA,
         options={"num_predict": 40},
     )
     value = json.loads(reply.message.content or "")
-    jsonschema.validate(value, SCHEMA)
-    expected = direct(engine.extract(PROMPT, schema=SCHEMA, max_tokens=40))
+    jsonschema.validate(value, TRIAGE_SCHEMA)
+    expected = direct(engine.extract(PROMPT, schema=TRIAGE_SCHEMA, max_tokens=40))
     assert value == expected.value
     streamed = list(
         client.chat(
             model=MODEL,
             messages=[{"role": "user", "content": PROMPT}],
-            format=SCHEMA,
+            format=TRIAGE_SCHEMA,
             options={"num_predict": 40},
             stream=True,
         )
@@ -255,7 +236,7 @@ def test_a_mid_stream_error_is_the_last_line(url: str, client: ollama.Client) ->
     body = {
         "model": MODEL,
         "messages": [{"role": "user", "content": PROMPT}],
-        "format": SCHEMA,
+        "format": TRIAGE_SCHEMA,
         "options": {"num_predict": 2},
     }
     response = httpx.post(url + "/api/chat", json=body, timeout=60)
@@ -292,7 +273,7 @@ def test_images_as_plain_base64_strings(url: str) -> None:
     body = {
         "model": MODEL,
         "prompt": PROMPT,
-        "images": [base64.b64encode(png(5)).decode()],
+        "images": [base64.b64encode(noise_png(5, (56, 40))).decode()],
         "stream": False,
         "options": {"num_predict": 2},
     }

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,35 +15,17 @@ from typing import Any
 
 import httpx
 import jsonschema
-import numpy as np
 import openai
 import pytest
-from PIL import Image
 
 from coheara import Engine, Settings, model_facts
 from coheara.backends.transformers_backend import TransformersBackend
 from coheara.server import create_app
+from samples import SYSTEM, TRIAGE_SCHEMA, noise_png
 from servers import serve
 
 MODEL = "medgemma"
-SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "urgent": {"type": "boolean"},
-        "side": {"enum": ["left", "right", "both"]},
-    },
-    "required": ["urgent", "side"],
-    "additionalProperties": False,
-}
-SYSTEM = "You are a careful clinical assistant."
 PROMPT = "Summarise: shortness of breath on exertion, bilateral lower limb oedema."
-
-
-def png(seed: int = 0) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 255, (30, 70, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +136,7 @@ def test_streaming_without_usage_sends_none(client: openai.OpenAI) -> None:
 
 
 def test_an_image_part_is_read(client: openai.OpenAI, engine: Engine) -> None:
-    image = png(6)
+    image = noise_png(6, (70, 30))
     encoded = base64.b64encode(image).decode()
     parts: list[Any] = [
         {"type": "text", "text": PROMPT},
@@ -188,19 +169,22 @@ def test_response_format_json_schema_is_validated(client: openai.OpenAI, engine:
         max_tokens=40,
         response_format={
             "type": "json_schema",
-            "json_schema": {"name": "triage", "schema": SCHEMA, "strict": True},
+            "json_schema": {"name": "triage", "schema": TRIAGE_SCHEMA, "strict": True},
         },
     )
     value = json.loads(completion.choices[0].message.content or "")
-    jsonschema.validate(value, SCHEMA)
-    expected = direct(engine.extract(PROMPT, schema=SCHEMA, max_tokens=40))
+    jsonschema.validate(value, TRIAGE_SCHEMA)
+    expected = direct(engine.extract(PROMPT, schema=TRIAGE_SCHEMA, max_tokens=40))
     assert value == expected.value
     streamed = client.chat.completions.create(
         model=MODEL,
         messages=[user(PROMPT)],
         max_tokens=40,
         stream=True,
-        response_format={"type": "json_schema", "json_schema": {"name": "t", "schema": SCHEMA}},
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "t", "schema": TRIAGE_SCHEMA},
+        },
     )
     text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
     assert json.loads(text) == value
@@ -268,7 +252,10 @@ def test_a_mid_stream_error_is_an_error_event(client: openai.OpenAI) -> None:
         messages=[user(PROMPT)],
         max_tokens=2,
         stream=True,
-        response_format={"type": "json_schema", "json_schema": {"name": "t", "schema": SCHEMA}},
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "t", "schema": TRIAGE_SCHEMA},
+        },
     )
     with pytest.raises(openai.APIError) as error:
         list(stream)
@@ -279,7 +266,10 @@ def test_a_mid_stream_error_is_an_error_event(client: openai.OpenAI) -> None:
             model=MODEL,
             messages=[user(PROMPT)],
             max_tokens=2,
-            response_format={"type": "json_schema", "json_schema": {"name": "t", "schema": SCHEMA}},
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "t", "schema": TRIAGE_SCHEMA},
+            },
         )
     assert status.value.status_code == 422
     assert status.value.code == "output_invalid"
