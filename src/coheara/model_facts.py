@@ -18,8 +18,9 @@ IMAGE_PROMPT_TOKENS = 260
 DEFAULT_OLLAMA_MODEL = "MedAIBase/MedGemma1.5:4b"
 """The community build the founding spec names; Ollama lists it as text only."""
 
-VISION_OLLAMA_ALTERNATIVE = "dcarrascosa/medgemma-1.5-4b-it:Q8_0"
-"""Named in errors as a vision-capable build to pull instead."""
+VISION_OLLAMA_ALTERNATIVE = "ktiyab/coheara-medgemma-4b-q8"
+"""Named in errors as a vision-capable build to pull instead: MedGemma 1.5 4B IT, Q8_0,
+built from the original safetensors, listed in the Ollama library with vision."""
 
 DEFAULT_HF_MODEL = "google/medgemma-1.5-4b-it"
 
