@@ -209,6 +209,15 @@ def test_every_string_and_array_gets_a_bound() -> None:
     assert props["nested"]["anyOf"][0]["maxLength"] == 2000
     assert "maxLength" not in props["kind"]
     assert schema["$defs"]["x"]["maxLength"] == 2000
+    assert schema["maxProperties"] == 64  # an open object is bounded too
+
+
+def test_closed_objects_get_no_property_bound_and_open_ones_keep_a_tighter_one() -> None:
+    closed = OutputSchema.build(
+        {"type": "object", "properties": {"a": {"type": "integer"}}, "additionalProperties": False}
+    ).schema
+    assert "maxProperties" not in closed
+    assert OutputSchema.build({"type": "object", "maxProperties": 3}).schema["maxProperties"] == 3
 
 
 class Vitals(BaseModel):

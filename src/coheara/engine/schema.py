@@ -18,6 +18,7 @@ from coheara.errors import InvalidRequestError
 
 DEFAULT_MAX_LENGTH = 2000
 DEFAULT_MAX_ITEMS = 64
+DEFAULT_MAX_PROPERTIES = 64
 _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
 _SUBSCHEMA_SINGLE = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
@@ -40,6 +41,11 @@ def _bound(node: Any, max_length: int, max_items: int) -> None:
         node["maxLength"] = min(int(node.get("maxLength", max_length)), max_length)
     if "array" in kinds:
         node["maxItems"] = min(int(node.get("maxItems", max_items)), max_items)
+    if "object" in kinds and node.get("additionalProperties") is not False:
+        # An open object ("json" mode) could otherwise grow key after key until max_tokens.
+        declared = len(node.get("properties") or {})
+        limit = max(DEFAULT_MAX_PROPERTIES, declared)
+        node["maxProperties"] = min(int(node.get("maxProperties", limit)), limit)
     for key in _SUBSCHEMA_LISTS:
         for child in node.get(key, []) or []:
             _bound(child, max_length, max_items)
