@@ -342,3 +342,11 @@ def test_serve_answers_the_ollama_and_openai_dialects(
     _, err = process.communicate(timeout=30)
     assert "Traceback" not in err
     assert f"127.0.0.1:{port}" in err
+
+
+def test_install_hints_keep_their_brackets(capsys: pytest.CaptureFixture[str]) -> None:
+    from coheara.cli.common import report
+    from coheara.errors import ConfigurationError
+
+    report(ConfigurationError("needs extras", hint="pip install 'coheara[transformers]'"))
+    assert "pip install 'coheara[transformers]'" in capsys.readouterr().err

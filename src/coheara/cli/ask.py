@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from coheara.cli.common import (
     BackendOption,
@@ -102,7 +103,7 @@ def ask(
                 write("\n")
             if not as_json:
                 for warning in result.warnings:
-                    err_console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
-                err_console.print(f"[dim]{evidence_line(result)}[/]", soft_wrap=True)
+                    err_console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+                err_console.print(f"[dim]{escape(evidence_line(result))}[/]", soft_wrap=True)
 
     asyncio.run(main())

@@ -30,4 +30,4 @@ def tiny_model(
         return build_tiny_model(directory)
 
     path = build()
-    err_console.print(f"tiny model written to {path}")
+    err_console.print(f"tiny model written to {path}", markup=False)

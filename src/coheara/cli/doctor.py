@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from coheara import model_facts
@@ -103,11 +104,11 @@ def doctor(backend: BackendOption = None, model: ModelOption = None, url: UrlOpt
     settings = settings_for(backend)
     console = Console()
     config = Table(title="configuration in force", show_header=False)
-    config.add_row("config file", str(config_file() or "(none)"))
+    config.add_row("config file", escape(str(config_file() or "(none)")))
     for key, value in settings.model_dump().items():
         if "key" in key:
             value = "(set)" if value else "(none)"
-        config.add_row(key, str(value))
+        config.add_row(key, escape(str(value)))
     console.print(config)
 
     ollama_model = model if settings.backend == "ollama" and model else settings.ollama_model
@@ -144,10 +145,10 @@ def doctor(backend: BackendOption = None, model: ModelOption = None, url: UrlOpt
         table.add_column(column)
     for finding in findings:
         table.add_row(
-            finding.what,
+            escape(finding.what),
             "[green]ok[/]" if finding.ok else "[red]problem[/]",
-            finding.detail,
-            finding.fix,
+            escape(finding.detail),
+            escape(finding.fix),
         )
     console.print(table)
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from coheara import model_facts
@@ -173,11 +174,10 @@ def selftest() -> None:
     try:
         import coheara.backends.transformers_backend  # noqa: F401
     except ImportError:
-        err = ConfigurationError(
-            "selftest needs the optional dependencies", hint="pip install 'coheara[transformers]'"
-        )
-        err_console.print(f"[bold red]error:[/] {err}")
-        raise typer.Exit(err.exit_code) from None
+        raise ConfigurationError(
+            "selftest needs the optional dependencies",
+            hint="pip install 'coheara[transformers]' (with torch pinned for your platform)",
+        ) from None
     with tempfile.TemporaryDirectory(prefix="coheara-selftest-") as tmp:
         checks = asyncio.run(_run_selftest(Path(tmp)))
     table = Table(title="coheara selftest (tiny random-weight model)")
@@ -189,7 +189,7 @@ def selftest() -> None:
             check.path,
             "[green]pass[/]" if check.ok else "[red]FAIL[/]",
             f"{check.seconds:.2f}",
-            check.detail,
+            escape(check.detail),
         )
     Console().print(table)
     failed = sum(not c.ok for c in checks)

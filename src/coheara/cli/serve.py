@@ -33,6 +33,7 @@ def serve(
     app = create_app(engine, settings, close_engine=True)
     err_console.print(
         f"coheara serving {settings.backend} backend on http://{settings.host}:{settings.port} "
-        "(native /v1/generate, OpenAI /v1/chat/completions, Ollama /api/chat)"
+        "(native /v1/generate, OpenAI /v1/chat/completions, Ollama /api/chat)",
+        markup=False,
     )
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
