@@ -7,6 +7,7 @@ import binascii
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -18,12 +19,39 @@ MAX_IMAGE_BYTES = 64 * 1024 * 1024
 MAX_IMAGE_PIXELS = 50_000 * 50_000 // 4
 
 
+@dataclass(frozen=True)
+class Provenance:
+    """What was done to an image: non-identifying fields only.
+
+    Never a patient name, ID, date, institution or file name: only codes (modality,
+    photometric interpretation, transfer syntax), the recipe and window applied, the
+    frame, and warnings written by Coheara itself.
+    """
+
+    kind: str
+    recipe: str
+    modality: str | None = None
+    window: Any = None
+    preset: str | None = None
+    voi_function: str | None = None
+    photometric: str | None = None
+    inverted: bool = False
+    frame_index: int = 0
+    frames: int = 1
+    transfer_syntax: str | None = None
+    warnings: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
 @dataclass(frozen=True, eq=False)
 class PreparedImage:
     """Pixels ready for the model; `source` is a non-identifying label (never a file name)."""
 
     pixels: np.ndarray
     source: str = "image"
+    provenance: Provenance | None = None
     _png: list[bytes] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -50,6 +78,19 @@ class PreparedImage:
 
     def data_uri(self) -> str:
         return "data:image/png;base64," + self.base64_png()
+
+
+def square_rgb(array: np.ndarray) -> np.ndarray:
+    """HxWx3 uint8 to the model's square: bilinear, aspect not kept, as the Gemma 3 processor."""
+    side = model_facts.IMAGE_SIZE
+    if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8 or array.size == 0:
+        raise ImageError("image must be a non-empty HxWx3 uint8 array")
+    if array.shape[:2] == (side, side):
+        return np.ascontiguousarray(array)
+    resized = Image.fromarray(np.ascontiguousarray(array), mode="RGB").resize(
+        (side, side), Image.Resampling.BILINEAR
+    )
+    return np.asarray(resized, dtype=np.uint8).copy()
 
 
 def _from_pil(image: Image.Image, source: str) -> PreparedImage:
@@ -90,7 +131,8 @@ def load_image(
         return _from_pil(Image.fromarray(array[..., :3]), label)
     if isinstance(source, Path):
         try:
-            if source.stat().st_size > MAX_IMAGE_BYTES:
+            size = source.stat().st_size
+            if size > MAX_IMAGE_BYTES and not _file_is_dicom(source):
                 raise ImageError(f"image file is larger than {MAX_IMAGE_BYTES} bytes")
             data = source.read_bytes()
         except FileNotFoundError:
@@ -115,6 +157,16 @@ def load_image(
     if isinstance(source, bytes | bytearray | memoryview):
         return _decode_bytes(bytes(source), label)
     raise ImageError(f"unsupported image input type {type(source).__name__}")
+
+
+def _file_is_dicom(path: Path) -> bool:
+    """A large file may still be a multi-frame DICOM, read up to the DICOM size limit."""
+    from coheara.imaging.dicom import MAX_DICOM_BYTES, looks_like_dicom
+
+    if path.stat().st_size > MAX_DICOM_BYTES:
+        return False
+    with path.open("rb") as handle:
+        return looks_like_dicom(handle.read(132))
 
 
 def _is_file(text: str) -> bool:
@@ -145,6 +197,10 @@ def decode_base64_image(data: str, *, label: str = "image") -> PreparedImage:
 def _decode_bytes(data: bytes, label: str) -> PreparedImage:
     if not data:
         raise ImageError("image is empty")
+    from coheara.imaging import dicom  # pydicom loads only when DICOM arrives
+
+    if dicom.looks_like_dicom(data):
+        return dicom.load_first_frame(data, label=label)
     if len(data) > MAX_IMAGE_BYTES:
         raise ImageError(f"image is larger than {MAX_IMAGE_BYTES} bytes")
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
