@@ -20,6 +20,7 @@ from coheara.cli.common import (
 )
 from coheara.engine import Engine, ExtractionResult, GenerationResult
 from coheara.errors import InvalidRequestError
+from coheara.imaging.prepare import Prepared, is_series, prepare
 
 
 def _load_schema(path: Path) -> dict[str, Any]:
@@ -57,7 +58,12 @@ def ask(
     system: Annotated[str | None, typer.Option("--system", "-s", help="System text.")] = None,
     image: Annotated[
         list[Path] | None,
-        typer.Option("--image", "-i", help="Image file (repeatable): PNG, JPEG, ..."),
+        typer.Option(
+            "--image",
+            "-i",
+            help="Image file (repeatable): PNG, JPEG, DICOM, ...; a folder or several DICOM "
+            "files of one CT or MR series make a volume (ordered, sampled, SLICE n labels).",
+        ),
     ] = None,
     schema: Annotated[
         Path | None, typer.Option("--schema", help="JSON Schema file: structured extraction.")
@@ -77,13 +83,18 @@ def ask(
     async def main() -> None:
         settings = settings_for(backend)
         loaded_schema = _load_schema(schema) if schema else None
+        volume: Prepared | None = None
+        if image and is_series(image):
+            # Decoding a series takes a while: off the event loop.
+            volume = await asyncio.to_thread(prepare, list(image))
         async with Engine.from_config(model=model, url=url, settings=settings) as engine:
             result: GenerationResult | None = None
             streamed = False
             async for chunk in engine.stream(
-                prompt,
+                None if volume else prompt,
                 system=system,
-                images=image or (),
+                images=() if volume else (image or ()),
+                messages=volume.messages(prompt) if volume else None,
                 schema=loaded_schema,
                 max_tokens=max_tokens,
             ):
@@ -93,6 +104,10 @@ def ask(
                     write(chunk.text)
                     streamed = True
             assert result is not None
+            if volume is not None and volume.warnings:
+                result = result.model_copy(
+                    update={"warnings": [*volume.warnings, *result.warnings]}
+                )
             if as_json:
                 write(result.model_dump_json(indent=2) + "\n")
             elif isinstance(result, ExtractionResult):

@@ -1,0 +1,188 @@
+"""One entry point for every image input: a file, bytes, a folder or a list of files."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from coheara.errors import ImageError
+from coheara.imaging.image import PreparedImage, load_image
+
+_RECIPE_FOR_MODALITY = {"CT": "ct_windows", "MR": "min_max"}
+
+
+@dataclass(frozen=True, eq=False)
+class Prepared:
+    """Model-ready images in order (each 896x896x3 uint8), what was done, and warnings."""
+
+    images: tuple[PreparedImage, ...]
+    kind: str
+    """"image" (one picture), "dicom" (one file, its frames), "images" (several pictures)
+    or "volume" (one CT or MR series)."""
+    warnings: tuple[str, ...] = ()
+    volume: Any = None
+    """The `Volume` when kind is "volume" (slice order, sampling, value range)."""
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """Non-identifying: the kind, each image's provenance, the volume's order and sampling."""
+        out: dict[str, Any] = {"kind": self.kind, "images": len(self.images)}
+        if self.volume is not None:
+            out.update(self.volume.summary())
+        out["warnings"] = list(self.warnings)
+        out["provenance"] = [
+            image.provenance.to_dict() if image.provenance else None for image in self.images
+        ]
+        return out
+
+    def messages(self, question: str, *, instruction: str | None = None) -> list[Any]:
+        """The engine's `messages=` for these images: a volume gets its slice labels."""
+        from coheara.engine.chat_format import InputMessage
+        from coheara.imaging.volume import volume_messages
+
+        if self.kind == "volume":
+            return volume_messages(question, self.volume, instruction=instruction)
+        out = [InputMessage("system", instruction)] if instruction else []
+        out.append(InputMessage("user", question, self.images))
+        return out
+
+
+def _is_dicom_ref(item: Any) -> bool:
+    from coheara.imaging.dicom import looks_like_dicom
+
+    if isinstance(item, bytes | bytearray | memoryview):
+        return looks_like_dicom(bytes(item[:132]))
+    if isinstance(item, str | Path):
+        path = Path(item)
+        try:
+            if not path.is_file():
+                return False
+            with path.open("rb") as handle:
+                return looks_like_dicom(handle.read(132))
+        except (OSError, ValueError):
+            return False
+    return False
+
+
+def _is_folder(item: Any) -> bool:
+    if not isinstance(item, str | Path):
+        return False
+    try:
+        return len(str(item)) < 4096 and Path(item).is_dir()
+    except (OSError, ValueError):
+        return False
+
+
+def is_series(items: Sequence[Any]) -> bool:
+    """Whether these inputs make one volume: a single folder, or two or more DICOM files."""
+    items = list(items)
+    if len(items) == 1:
+        return _is_folder(items[0])
+    return len(items) > 1 and all(_is_dicom_ref(item) for item in items)
+
+
+def prepare(
+    source: Any,
+    *,
+    modality: str | None = None,
+    preset: str | None = None,
+    window: tuple[float, float] | None = None,
+    max_slices: int = 85,
+) -> Prepared:
+    """A file path, bytes, an array or PIL image, a folder, or a list of paths into images.
+
+    - a picture (PNG, JPEG, ...) goes through `load_image`;
+    - one DICOM file through `load_dicom` (every frame);
+    - a folder, or a list of two or more DICOM files or byte strings, is one CT or MR
+      series: ordered along the slice normal, sampled to `max_slices`, CT windowed and MR
+      scaled by one min-max over the volume (`coheara.imaging.volume.load_volume`);
+    - a list of pictures gives one image each, in order.
+
+    modality: "CT" or "MR" forces that recipe on DICOM; preset (a CT preset name) or
+    window ((center, width)) replaces the recipe; neither applies to pictures.
+    """
+    if modality is not None:
+        modality = modality.strip().upper()
+        if modality not in _RECIPE_FOR_MODALITY:
+            raise ImageError(f"unknown modality '{modality[:16]}'", hint="one of CT, MR")
+    if isinstance(source, str | Path) and _is_folder(source):
+        return _volume(source, modality, preset, window, max_slices)
+    if isinstance(source, Sequence) and not isinstance(source, str | bytes | bytearray):
+        items = list(source)
+        if not items:
+            raise ImageError("no image given")
+        if any(_is_folder(item) for item in items):
+            if len(items) == 1:
+                return _volume(items[0], modality, preset, window, max_slices)
+            raise ImageError("give one folder, or files, not several folders")
+        if len(items) == 1:
+            return prepare(
+                items[0], modality=modality, preset=preset, window=window, max_slices=max_slices
+            )
+        dicom = [_is_dicom_ref(item) for item in items]
+        if all(dicom):
+            return _volume(items, modality, preset, window, max_slices)
+        if any(dicom):
+            raise ImageError(
+                "DICOM files and pictures are mixed",
+                hint="give the DICOM files of one series, or pictures only",
+            )
+        _no_dicom_options(modality, preset, window)
+        images = tuple(
+            load_image(_picture(item), label=f"image {i + 1}") for i, item in enumerate(items)
+        )
+        return Prepared(images, kind="images")
+    if _is_dicom_ref(source):
+        from coheara.imaging.dicom import load_dicom
+
+        frames = load_dicom(
+            Path(source) if isinstance(source, str) else source,
+            recipe=_RECIPE_FOR_MODALITY.get(modality or "")
+            if preset is None and window is None
+            else None,
+            preset=preset,
+            window=window,
+        )
+        notes: list[str] = []
+        for frame in frames:
+            for note in frame.provenance.warnings if frame.provenance else ():
+                if note not in notes:
+                    notes.append(note)
+        return Prepared(tuple(frames), kind="dicom", warnings=tuple(notes))
+    _no_dicom_options(modality, preset, window)
+    return Prepared((load_image(_picture(source)),), kind="image")
+
+
+def _picture(item: Any) -> Any:
+    if isinstance(item, str | Path | bytes | bytearray | memoryview | np.ndarray | Image.Image):
+        return item if not isinstance(item, bytearray | memoryview) else bytes(item)
+    if isinstance(item, PreparedImage):
+        return item
+    raise ImageError(f"unsupported image input type {type(item).__name__}")
+
+
+def _no_dicom_options(
+    modality: str | None, preset: str | None, window: tuple[float, float] | None
+) -> None:
+    if preset is not None or window is not None or modality is not None:
+        raise ImageError("modality, preset and window apply to DICOM input only")
+
+
+def _volume(
+    source: Any,
+    modality: str | None,
+    preset: str | None,
+    window: tuple[float, float] | None,
+    max_slices: int,
+) -> Prepared:
+    from coheara.imaging.volume import load_volume
+
+    volume = load_volume(
+        source, modality=modality, preset=preset, window=window, max_slices=max_slices
+    )
+    return Prepared(volume.slices, kind="volume", warnings=volume.warnings, volume=volume)
