@@ -495,3 +495,20 @@ async def test_engine_surfaces_vllm_context_400_as_context_overflow(
         await engine.generate("dose 5 mg twice daily; " * 800, max_tokens=256)
     assert caught.value.details["window"] == 4096
     assert len(fake.chat_bodies) == 1
+
+
+def test_ordered_parts_go_over_the_wire_in_order() -> None:
+    backend = OpenAIBackend(
+        base_url="http://127.0.0.1:9/v1",
+        model="m",
+        api_key="x",
+        context_length=8192,
+        timeout_s=5,
+        connect_timeout_s=1,
+    )
+    image = load_image(png_image())
+    turn = Message.from_parts("user", ("Review.", image, "SLICE 1", "Q?"))
+    content = backend.arguments(ChatRequest((turn,)))["messages"][0]["content"]
+    assert [part["type"] for part in content] == ["text", "image_url", "text", "text"]
+    assert [part.get("text") for part in content] == ["Review.", None, "SLICE 1", "Q?"]
+    assert content[1]["image_url"]["url"] == image.data_uri()

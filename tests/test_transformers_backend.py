@@ -205,6 +205,22 @@ async def test_prompt_is_the_gemma_format_and_counted_exactly(
     assert final.prompt_tokens == exact  # one <bos>, not two
 
 
+async def test_ordered_parts_interleave_images_and_labels(
+    backend: TransformersBackend,
+) -> None:
+    """A CT volume as Google's notebooks feed it: each slice followed by its label."""
+    first, second = _image(1), _image(2)
+    turn = Message.from_parts("user", ("Review.", first, "SLICE 1", second, "SLICE 2", "Q?"))
+    request = ChatRequest((turn,), GenerationOptions(max_tokens=1))
+    assert backend._render(request) == (
+        "<bos><start_of_turn>user\nReview.<start_of_image>SLICE 1<start_of_image>SLICE 2Q?"
+        "<end_of_turn>\n<start_of_turn>model\n"
+    )
+    assert request.images == (first, second)
+    _, final = await _collect(backend, request)
+    assert final.prompt_tokens == backend.count_prompt_tokens(request)
+
+
 async def test_system_text_goes_before_the_images_as_the_gemma_template_puts_it(
     backend: TransformersBackend,
 ) -> None:

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from coheara.imaging import PreparedImage
 
 Role = Literal["user", "assistant"]
+
+
+Part = str | PreparedImage
+"""One piece of a turn's content: a text or an image."""
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,30 @@ class Message:
     """The system text, on the first user turn only. Gemma has no system role: a chat
     template folds it in front of the turn (before its images); a runtime that takes
     the turn as plain text gets `folded_text`."""
+    parts: tuple[Part, ...] = ()
+    """Texts and images in the order the model should see them (a CT volume: each slice
+    followed by its `SLICE n` label). Empty means images first, then `text`. Runtimes
+    that cannot interleave (Ollama) use `text` and `images`, which `from_parts` keeps
+    consistent with the parts."""
+
+    @classmethod
+    def from_parts(cls, role: Role, parts: tuple[Part, ...], *, system: str = "") -> Message:
+        texts = [p for p in parts if isinstance(p, str)]
+        images = tuple(p for p in parts if not isinstance(p, str))
+        return cls(role, "\n".join(texts), images, system, parts)
+
+    @property
+    def ordered_parts(self) -> tuple[Part, ...]:
+        """The content in order, whichever way the message was built."""
+        if self.parts:
+            return self.parts
+        return (*self.images, self.text) if self.text else self.images
+
+    def with_text_appended(self, extra: str) -> Message:
+        """The same turn with `extra` after a blank line, at the end of its content."""
+        if self.parts:
+            return Message.from_parts(self.role, (*self.parts, extra.strip()), system=self.system)
+        return replace(self, text=f"{self.text}\n\n{extra}".strip())
 
     @property
     def folded_text(self) -> str:

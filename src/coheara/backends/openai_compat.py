@@ -117,13 +117,16 @@ class OpenAIBackend(Backend):
             if message.system:
                 # The server's chat template folds it in front of the turn, images included.
                 messages.append({"role": "system", "content": message.system})
-            if message.images:
-                # Images first, the text after them: the order Gemma's own examples use.
+            if message.images or message.parts:
+                # In the message's own order: images first by default (as Gemma's own
+                # examples), a CT volume's slices each followed by its label.
                 parts: list[dict[str, Any]] = [
-                    {"type": "image_url", "image_url": {"url": image.data_uri()}}
-                    for image in message.images
+                    {"type": "text", "text": part}
+                    if isinstance(part, str)
+                    else {"type": "image_url", "image_url": {"url": part.data_uri()}}
+                    for part in message.ordered_parts
+                    if not isinstance(part, str) or part
                 ]
-                parts.append({"type": "text", "text": message.text})
                 messages.append({"role": message.role, "content": parts})
             else:
                 messages.append({"role": message.role, "content": message.text})

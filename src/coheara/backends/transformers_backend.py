@@ -427,9 +427,12 @@ class TransformersBackend(Backend):
                     f"a message text contains the reserved image token {placeholder}",
                     hint="pass images as images, not as their placeholder token",
                 )
-            content: list[dict[str, Any]] = [{"type": "image"} for _ in message.images]
-            if message.text:
-                content.append({"type": "text", "text": message.text})
+            # In the message's own order: images first by default, a CT volume interleaved.
+            content: list[dict[str, Any]] = [
+                {"type": "text", "text": part} if isinstance(part, str) else {"type": "image"}
+                for part in message.ordered_parts
+                if not isinstance(part, str) or part
+            ]
             conversation.append({"role": message.role, "content": content})
         if not conversation:
             raise InvalidRequestError("the request has no messages")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from coheara import model_facts
-from coheara.backends.base import Message
+from coheara.backends.base import Message, Part, Role
 from coheara.errors import InvalidRequestError
 from coheara.imaging import PreparedImage
 
@@ -21,6 +21,24 @@ class InputMessage:
     role: InputRole
     text: str
     images: tuple[PreparedImage, ...] = ()
+    parts: tuple[Part, ...] = ()
+    """Texts and images in order (see `Message.parts`); build it with `from_parts`."""
+
+    @classmethod
+    def from_parts(cls, role: InputRole, parts: Sequence[Part]) -> InputMessage:
+        message = Message.from_parts("user", tuple(parts))
+        return cls(role, message.text, message.images, message.parts)
+
+    def to_message(self) -> Message:
+        if self.parts:
+            return Message.from_parts(_turn_role(self.role), self.parts)
+        return Message(_turn_role(self.role), self.text, self.images)
+
+
+def _turn_role(role: InputRole) -> Role:
+    if role == "system":
+        raise InvalidRequestError("a system message is not a turn")
+    return role
 
 
 def to_gemma_turns(messages: Sequence[InputMessage]) -> tuple[Message, ...]:
@@ -32,7 +50,8 @@ def to_gemma_turns(messages: Sequence[InputMessage]) -> tuple[Message, ...]:
     the conversation must end on a user turn.
     """
     for message in messages:
-        _refuse_control_tokens(message.text)
+        for text in (message.text, *(p for p in message.parts if isinstance(p, str))):
+            _refuse_control_tokens(text)
     system_parts = [m.text for m in messages if m.role == "system" and m.text.strip()]
     if any(m.images for m in messages if m.role == "system"):
         raise InvalidRequestError("images are not allowed in a system message")
@@ -40,12 +59,17 @@ def to_gemma_turns(messages: Sequence[InputMessage]) -> tuple[Message, ...]:
     for message in messages:
         if message.role == "system":
             continue
-        if turns and turns[-1].role == message.role:
+        turn = message.to_message()
+        if turns and turns[-1].role == turn.role:
             last = turns[-1]
-            text = "\n\n".join(t for t in (last.text, message.text) if t)
-            turns[-1] = Message(last.role, text, last.images + message.images)
+            if last.parts or turn.parts:
+                merged = (*last.ordered_parts, *turn.ordered_parts)
+                turns[-1] = Message.from_parts(last.role, merged)
+            else:
+                text = "\n\n".join(t for t in (last.text, turn.text) if t)
+                turns[-1] = Message(last.role, text, last.images + turn.images)
         else:
-            turns.append(Message(message.role, message.text, message.images))
+            turns.append(turn)
     if not turns or turns[0].role != "user":
         if turns and turns[0].role == "assistant":
             raise InvalidRequestError("the conversation must start with a user message")

@@ -490,11 +490,7 @@ def _field_schemas(schema: OutputSchema) -> list[tuple[str, OutputSchema]] | Non
 
 
 def _with_field_instruction(turns: tuple[Message, ...], name: str) -> tuple[Message, ...]:
-    last = turns[-1]
-    return (
-        *turns[:-1],
-        replace(last, text=f"{last.text}\n\nGive only the field {json.dumps(name)}."),
-    )
+    return (*turns[:-1], turns[-1].with_text_appended(f"Give only the field {json.dumps(name)}."))
 
 
 def _check_output(schema: OutputSchema, state: _Attempt) -> tuple[Any, list[Problem]]:
@@ -510,9 +506,8 @@ def _check_output(schema: OutputSchema, state: _Attempt) -> tuple[Any, list[Prob
 def _with_schema_instruction(
     turns: tuple[Message, ...], schema: OutputSchema
 ) -> tuple[Message, ...]:
-    last = turns[-1]
-    text = f"{last.text}\n\n{JSON_INSTRUCTION}{json.dumps(schema.schema, separators=(',', ':'))}"
-    return (*turns[:-1], replace(last, text=text.strip()))
+    instruction = JSON_INSTRUCTION + json.dumps(schema.schema, separators=(",", ":"))
+    return (*turns[:-1], turns[-1].with_text_appended(instruction))
 
 
 def _repair_request(request: ChatRequest, output: str, problems: list[Problem]) -> ChatRequest:

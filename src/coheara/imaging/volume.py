@@ -458,13 +458,13 @@ DEFAULT_INSTRUCTION = (
     "carefully."
 )
 
-Part = str | PreparedImage
 
-
-def volume_parts(instruction: str, slices: Sequence[PreparedImage], question: str) -> list[Part]:
+def volume_parts(
+    instruction: str, slices: Sequence[PreparedImage], question: str
+) -> list[str | PreparedImage]:
     """Google's notebook order as an ordered list of parts: the instruction, then each slice
     followed by its `SLICE n` label (1-based), the question last."""
-    parts: list[Part] = [instruction]
+    parts: list[str | PreparedImage] = [instruction]
     for number, image in enumerate(slices, start=1):
         parts.append(image)
         parts.append(f"SLICE {number}")
@@ -477,31 +477,15 @@ def default_instruction(volume: Volume) -> str:
     return DEFAULT_INSTRUCTION.format(count=len(volume.slices), modality=modality)
 
 
-def labels_text(count: int) -> str:
-    """What stands in for the per-slice labels while a turn holds its images before its text."""
-    if count == 1:
-        return "The image above is SLICE 1."
-    return (
-        f"The {count} images above are SLICE 1 to SLICE {count}, in the order shown "
-        "(anatomical order along the slice normal)."
-    )
-
-
 def volume_messages(
     question: str,
     slices: Volume | Sequence[PreparedImage],
     *,
     instruction: str | None = None,
 ) -> list[Any]:
-    """The `InputMessage` list the engine accepts today for a volume (pass as `messages=`).
-
-    Every backend puts a turn's images before its text, and the system text before the
-    images. So the instruction goes as a system message (it lands in front of the slices,
-    where the notebooks put it), the slices as the user turn's images in order, and the
-    text after them names the slices SLICE 1..n and ends with the question. Only the label
-    after each single image is missing: that needs ordered parts in the engine (see
-    `volume_parts`).
-    """
+    """The engine's `messages=` for a volume, in Google's notebook order: the instruction,
+    each slice followed by its `SLICE n` label, the question last (one user turn of ordered
+    parts; a runtime that cannot interleave, Ollama, gets the slices then the texts)."""
     from coheara.engine.chat_format import InputMessage
 
     images = tuple(slices.slices if isinstance(slices, Volume) else slices)
@@ -512,5 +496,4 @@ def volume_messages(
             instruction = default_instruction(slices)
         else:
             instruction = DEFAULT_INSTRUCTION.format(count=len(images), modality="")
-    text = f"{labels_text(len(images))}\n\n{question}"
-    return [InputMessage("system", instruction), InputMessage("user", text, images)]
+    return [InputMessage.from_parts("user", volume_parts(instruction, images, question))]
