@@ -33,7 +33,7 @@ from pydicom.uid import UID
 
 from coheara.errors import ImageError
 from coheara.imaging import image as _image
-from coheara.imaging.image import PreparedImage, Provenance
+from coheara.imaging.image import PreparedImage, Provenance, read_file
 
 MAX_DICOM_BYTES = 512 * 1024 * 1024
 """Largest DICOM file read; a multi-frame file may be larger than a single picture."""
@@ -113,17 +113,7 @@ def looks_like_dicom(data: bytes) -> bool:
 def read_dataset(source: str | Path | bytes | bytearray | memoryview) -> Dataset:
     """Parse a DICOM file or its bytes; pixel data stays encoded until a frame is asked for."""
     if isinstance(source, str | Path):
-        path = Path(source)
-        try:
-            if path.stat().st_size > MAX_DICOM_BYTES:
-                raise ImageError(f"DICOM file is larger than {MAX_DICOM_BYTES} bytes")
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise ImageError("image file not found", hint="check the path") from None
-        except IsADirectoryError:
-            raise ImageError("image path is a folder, not a file") from None
-        except OSError as exc:
-            raise ImageError(f"cannot read image file: {exc.strerror}") from None
+        data = read_file(Path(source), MAX_DICOM_BYTES)
     else:
         data = bytes(source)
     return _parse(data)

@@ -130,18 +130,7 @@ def load_image(
             array = ((array.astype(np.float64) - lo) * scale).round().astype(np.uint8)
         return _from_pil(Image.fromarray(array[..., :3]), label)
     if isinstance(source, Path):
-        try:
-            size = source.stat().st_size
-            if size > MAX_IMAGE_BYTES and not _file_is_dicom(source):
-                raise ImageError(f"image file is larger than {MAX_IMAGE_BYTES} bytes")
-            data = source.read_bytes()
-        except FileNotFoundError:
-            raise ImageError("image file not found", hint="check the path") from None
-        except IsADirectoryError:
-            raise ImageError("image path is a folder, not a file") from None
-        except OSError as exc:
-            raise ImageError(f"cannot read image file: {exc.strerror}") from None
-        return _decode_bytes(data, label)
+        return _decode_bytes(read_file(source, MAX_IMAGE_BYTES, dicom_allowed=True), label)
     if isinstance(source, str):
         text = source.strip()
         if text.startswith("data:"):
@@ -157,6 +146,20 @@ def load_image(
     if isinstance(source, bytes | bytearray | memoryview):
         return _decode_bytes(bytes(source), label)
     raise ImageError(f"unsupported image input type {type(source).__name__}")
+
+
+def read_file(path: Path, limit: int, *, dicom_allowed: bool = False) -> bytes:
+    """A file's bytes, refused over `limit` (a DICOM may use the DICOM limit instead)."""
+    try:
+        if path.stat().st_size > limit and not (dicom_allowed and _file_is_dicom(path)):
+            raise ImageError(f"image file is larger than {limit} bytes")
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ImageError("image file not found", hint="check the path") from None
+    except IsADirectoryError:
+        raise ImageError("image path is a folder, not a file") from None
+    except OSError as exc:
+        raise ImageError(f"cannot read image file: {exc.strerror}") from None
 
 
 def _file_is_dicom(path: Path) -> bool:
