@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from coheara import Engine
 
 # No test may reach beyond loopback: keep the Hugging Face libraries offline.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -38,3 +44,24 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tiny-medgemma")
     build_tiny_model(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_model_dir: Path) -> Iterator[Engine]:
+    """An engine on the tiny model, one per test module."""
+    from coheara import Engine, Settings
+    from coheara.backends.transformers_backend import TransformersBackend
+
+    engine = Engine(TransformersBackend(str(tiny_model_dir)), Settings(max_output_tokens=16))
+    yield engine
+    asyncio.run(engine.aclose())
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_engine: Engine) -> Iterator[str]:
+    """`coheara serve`'s app in front of `tiny_engine`, on a loopback port."""
+    from coheara.server import create_app
+    from servers import serve
+
+    with serve(create_app(tiny_engine)) as url:
+        yield url

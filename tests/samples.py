@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from coheara.backends.base import Backend, ChatRequest, GenerationOptions, Message, StreamEvent
+
 SYSTEM = "You are a careful clinical assistant."
 
 TRIAGE_SCHEMA: dict[str, Any] = {
@@ -27,3 +29,12 @@ def noise_png(seed: int = 0, size: tuple[int, int] = (64, 48)) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def request(text: str = "Summarize: chest film, no findings.", **options: Any) -> ChatRequest:
+    """One user turn, as a backend receives it from the engine."""
+    return ChatRequest((Message("user", text),), GenerationOptions(**options))
+
+
+async def collect(backend: Backend, chat: ChatRequest) -> list[StreamEvent]:
+    return [event async for event in backend.stream(chat)]

@@ -40,9 +40,7 @@ def fake_server() -> Iterator[tuple[FakeOllama, str]]:
 async def engine(fake_server: tuple[FakeOllama, str]) -> AsyncIterator[Engine]:
     fake, url = fake_server
     fake.reset()
-    backend = OllamaBackend(
-        url=url, model=MODEL, num_ctx=8192, timeout_s=10, connect_timeout_s=2, keep_alive=None
-    )
+    backend = ollama_backend(url)
     settings = Settings(backend="ollama", ollama_url=url, extract_retries=1)
     async with Engine(backend, settings) as built:
         yield built
@@ -51,6 +49,12 @@ async def engine(fake_server: tuple[FakeOllama, str]) -> AsyncIterator[Engine]:
 @pytest.fixture
 def fake(fake_server: tuple[FakeOllama, str]) -> FakeOllama:
     return fake_server[0]
+
+
+def ollama_backend(url: str) -> OllamaBackend:
+    return OllamaBackend(
+        url=url, model=MODEL, num_ctx=8192, timeout_s=10, connect_timeout_s=2, keep_alive=None
+    )
 
 
 def script(fake: FakeOllama, *replies: str) -> None:
@@ -130,14 +134,7 @@ async def test_without_fallback_the_error_comes_after_the_retries(
 ) -> None:
     fake.reset()
     fake.reply = "[]"
-    backend = OllamaBackend(
-        url=fake_server[1],
-        model=MODEL,
-        num_ctx=8192,
-        timeout_s=10,
-        connect_timeout_s=2,
-        keep_alive=None,
-    )
+    backend = ollama_backend(fake_server[1])
     settings = Settings(extract_retries=2, extract_field_fallback=False)
     async with Engine(backend, settings) as engine:
         with pytest.raises(OutputValidationError, match="after 3 attempt"):
@@ -185,14 +182,7 @@ async def test_guard_can_be_turned_off(
 ) -> None:
     fake.reset()
     fake.reply = LOOP * 20
-    backend = OllamaBackend(
-        url=fake_server[1],
-        model=MODEL,
-        num_ctx=8192,
-        timeout_s=10,
-        connect_timeout_s=2,
-        keep_alive=None,
-    )
+    backend = ollama_backend(fake_server[1])
     async with Engine(backend, Settings(guard_enabled=False)) as engine:
         result = await engine.generate("x")
     assert result.finish_reason == "stop" and result.text == LOOP * 20
@@ -235,9 +225,7 @@ def test_sync_engine_streams_and_generates(fake_server: tuple[FakeOllama, str]) 
     fake, url = fake_server
     fake.reset()
     fake.reply = ANSWER
-    backend = OllamaBackend(
-        url=url, model=MODEL, num_ctx=8192, timeout_s=10, connect_timeout_s=2, keep_alive=None
-    )
+    backend = ollama_backend(url)
     with Engine(backend, Settings()).sync() as engine:
         assert engine.generate("x").text == ANSWER
         chunks = list(engine.stream("x"))

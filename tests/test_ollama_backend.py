@@ -9,13 +9,12 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
-import numpy as np
 import pytest
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from coheara import Engine, GenerationOptions, Settings, model_facts
-from coheara.backends.base import ChatRequest, Message, StreamEvent
+from coheara import Engine, Settings, model_facts
+from coheara.backends.base import ChatRequest, Message
 from coheara.backends.ollama import OllamaBackend
 from coheara.backends.remote_errors import redact_server_detail
 from coheara.errors import (
@@ -30,6 +29,7 @@ from coheara.errors import (
     UnsupportedCapabilityError,
 )
 from fakes import DroppingServer, FakeOllama, OllamaModel, ndjson_pieces
+from samples import collect, noise_png, request
 from servers import free_port, serve
 
 TEXT_MODEL = model_facts.DEFAULT_OLLAMA_MODEL
@@ -87,14 +87,6 @@ async def make_backend(url: str) -> AsyncIterator[BackendFactory]:
         await backend.aclose()
 
 
-def request(text: str = "Summarize: chest film, no findings.", **options: Any) -> ChatRequest:
-    return ChatRequest((Message("user", text),), GenerationOptions(**options))
-
-
-async def collect(backend: OllamaBackend, chat: ChatRequest) -> list[StreamEvent]:
-    return [event async for event in backend.stream(chat)]
-
-
 def settings(url: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "backend": "ollama",
@@ -104,13 +96,6 @@ def settings(url: str, **overrides: Any) -> Settings:
     }
     values.update(overrides)
     return Settings(**values)
-
-
-def png_image(side: int = 64) -> bytes:
-    buffer = io.BytesIO()
-    gradient = np.tile(np.arange(side, dtype=np.uint8)[:, None, None], (1, side, 3))
-    Image.fromarray(gradient, mode="RGB").save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 # ----- the wire format -------------------------------------------------------------------
@@ -164,7 +149,7 @@ async def test_roles_and_images_go_over_the_wire_as_ollama_wants(
 ) -> None:
     from coheara.imaging import load_image
 
-    image = load_image(png_image())
+    image = load_image(noise_png(size=(64, 64)))
     chat = ChatRequest(
         (
             Message("user", "first question"),
@@ -493,7 +478,7 @@ async def test_image_to_a_text_only_model_fails_before_any_chat_request(
 ) -> None:
     engine = Engine(await make_backend(model=TEXT_MODEL), settings(url))
     with pytest.raises(UnsupportedCapabilityError) as caught:
-        await engine.generate("Describe the image.", images=[png_image()])
+        await engine.generate("Describe the image.", images=[noise_png(size=(64, 64))])
     assert f"ollama pull {VISION_MODEL}" in str(caught.value)
     assert TEXT_MODEL in str(caught.value)
     assert len(fake.bodies("/api/show")) == 1
@@ -504,7 +489,7 @@ async def test_image_to_a_vision_model_arrives_as_base64_png(
     fake: FakeOllama, make_backend: BackendFactory, url: str
 ) -> None:
     engine = Engine(await make_backend(model=VISION_MODEL), settings(url))
-    result = await engine.generate("Describe the image.", images=[png_image(100)])
+    result = await engine.generate("Describe the image.", images=[noise_png(size=(100, 100))])
     assert result.text == REPLY
     (body,) = fake.chat_bodies
     (sent,) = body["messages"][0]["images"]
@@ -533,7 +518,7 @@ async def test_image_cost_is_counted_in_the_budget(
 ) -> None:
     engine = Engine(await make_backend(model=VISION_MODEL, num_ctx=1024), settings(url))
     with pytest.raises(ContextOverflowError) as caught:
-        await engine.generate("compare", images=[png_image()] * 3, max_tokens=300)
+        await engine.generate("compare", images=[noise_png(size=(64, 64))] * 3, max_tokens=300)
     assert "3 image(s) x 260 tokens" in str(caught.value)
     assert len(fake.chat_bodies) == 0
 

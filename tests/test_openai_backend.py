@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from coheara import Engine, GenerationOptions, Settings, model_facts
-from coheara.backends.base import ChatRequest, Message, StreamEvent
+from coheara import Engine, Settings, model_facts
+from coheara.backends.base import ChatRequest, Message
 from coheara.backends.openai_compat import OpenAIBackend
 from coheara.errors import (
     BackendError,
@@ -26,6 +23,7 @@ from coheara.errors import (
 from coheara.imaging import load_image
 from fakes import DroppingServer, FakeOpenAI, OpenAIModel, sse_pieces
 from fakes.fake_openai import vllm_error
+from samples import collect, noise_png, request
 from servers import free_port, serve
 
 MODEL = model_facts.DEFAULT_HF_MODEL
@@ -81,14 +79,6 @@ async def make_backend(url: str) -> AsyncIterator[BackendFactory]:
         await backend.aclose()
 
 
-def request(text: str = "Summarize: chest film, no findings.", **options: Any) -> ChatRequest:
-    return ChatRequest((Message("user", text),), GenerationOptions(**options))
-
-
-async def collect(backend: OpenAIBackend, chat: ChatRequest) -> list[StreamEvent]:
-    return [event async for event in backend.stream(chat)]
-
-
 def settings(url: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "backend": "openai",
@@ -98,13 +88,6 @@ def settings(url: str, **overrides: Any) -> Settings:
     }
     values.update(overrides)
     return Settings(**values)
-
-
-def png_image(side: int = 48) -> bytes:
-    buffer = io.BytesIO()
-    gradient = np.tile(np.arange(side, dtype=np.uint8)[None, :, None], (side, 1, 3))
-    Image.fromarray(gradient, mode="RGB").save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 # ----- the wire format -------------------------------------------------------------------
@@ -144,7 +127,7 @@ async def test_sampling_options_are_sent_when_set(
 async def test_images_are_data_uri_parts_before_the_text(
     fake: FakeOpenAI, make_backend: BackendFactory
 ) -> None:
-    first, second = load_image(png_image()), load_image(png_image(20))
+    first, second = load_image(noise_png(size=(48, 48))), load_image(noise_png(size=(20, 20)))
     chat = ChatRequest(
         (
             Message("user", "earlier"),
@@ -443,7 +426,7 @@ async def test_engine_image_arrives_as_data_uri(
     fake: FakeOpenAI, make_backend: BackendFactory, url: str
 ) -> None:
     engine = Engine(await make_backend(), settings(url))
-    await engine.generate("Describe.", images=[png_image()])
+    await engine.generate("Describe.", images=[noise_png(size=(48, 48))])
     parts = fake.chat_bodies[0]["messages"][0]["content"]
     assert parts[0]["image_url"]["url"].startswith("data:image/png;base64,iVBOR")
     assert parts[-1] == {"type": "text", "text": "Describe."}
@@ -506,7 +489,7 @@ def test_ordered_parts_go_over_the_wire_in_order() -> None:
         timeout_s=5,
         connect_timeout_s=1,
     )
-    image = load_image(png_image())
+    image = load_image(noise_png(size=(48, 48)))
     turn = Message.from_parts("user", ("Review.", image, "SLICE 1", "Q?"))
     content = backend.arguments(ChatRequest((turn,)))["messages"][0]["content"]
     assert [part["type"] for part in content] == ["text", "image_url", "text", "text"]

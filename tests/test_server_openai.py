@@ -18,27 +18,21 @@ import jsonschema
 import openai
 import pytest
 
-from coheara import Engine, Settings, model_facts
-from coheara.backends.transformers_backend import TransformersBackend
-from coheara.server import create_app
+from coheara import Engine, model_facts
 from samples import SYSTEM, TRIAGE_SCHEMA, noise_png
-from servers import serve
 
 MODEL = "medgemma"
 PROMPT = "Summarise: shortness of breath on exertion, bilateral lower limb oedema."
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir: Path) -> Iterator[Engine]:
-    engine = Engine(TransformersBackend(str(tiny_model_dir)), Settings(max_output_tokens=16))
-    yield engine
-    asyncio.run(engine.aclose())
+def engine(tiny_engine: Engine) -> Engine:
+    return tiny_engine
 
 
 @pytest.fixture(scope="module")
-def url(engine: Engine) -> Iterator[str]:
-    with serve(create_app(engine)) as base:
-        yield base
+def url(tiny_server: str) -> str:
+    return tiny_server
 
 
 @pytest.fixture(scope="module")
