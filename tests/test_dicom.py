@@ -24,7 +24,12 @@ from pydicom.uid import (  # noqa: E402
 )
 
 from coheara.errors import ImageError  # noqa: E402
-from coheara.imaging import PreparedImage, load_dicom, load_image  # noqa: E402
+from coheara.imaging import (  # noqa: E402
+    PreparedImage,
+    limits,
+    load_dicom,
+    load_image,
+)
 from coheara.imaging import dicom as dcm  # noqa: E402
 
 SIDE = 896
@@ -368,7 +373,7 @@ def test_pixel_bomb_is_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(dcm, "_decode", never)
     with pytest.raises(ImageError, match=r"more than .* pixels"):
         load_dicom(buffer.getvalue())
-    ds.Rows, ds.Columns, ds.NumberOfFrames = 4, 4, dcm.MAX_DICOM_FRAMES + 1
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 4, 4, limits.DEFAULT_LIMITS.max_frames + 1
     buffer = io.BytesIO()
     ds.save_as(buffer)
     with pytest.raises(ImageError, match="frames"):

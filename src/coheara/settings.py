@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
@@ -20,6 +20,9 @@ from pydantic_settings import (
 )
 
 from coheara import model_facts
+
+if TYPE_CHECKING:
+    from coheara.imaging.limits import ImageLimits
 
 BackendName = Literal["auto", "ollama", "openai", "transformers"]
 
@@ -101,6 +104,15 @@ class Settings(BaseSettings):
     )
     guard_enabled: bool = True
 
+    max_images: int = Field(default=128, ge=1, le=1024, description="Images per request.")
+    max_image_bytes: int = Field(default=64 * 1024 * 1024, ge=1, description="Picture file.")
+    max_dicom_bytes: int = Field(default=512 * 1024 * 1024, ge=1, description="DICOM file.")
+    max_image_pixels: int = Field(
+        default=50_000 * 50_000 // 4, ge=1, description="One image, a file's frames, a volume."
+    )
+    max_dicom_frames: int = Field(default=2_000, ge=1, description="Frames in one DICOM file.")
+    max_series_files: int = Field(default=2_000, ge=1, description="Files in one series folder.")
+
     host: str = "127.0.0.1"
     port: int = Field(default=11435, ge=1, le=65535)
 
@@ -108,6 +120,19 @@ class Settings(BaseSettings):
     @classmethod
     def _normalize(cls, value: str) -> str:
         return normalize_ollama_host(value)
+
+    def image_limits(self) -> ImageLimits:
+        """The limits every image input of this deployment is held to."""
+        from coheara.imaging.limits import ImageLimits
+
+        return ImageLimits(
+            max_image_bytes=self.max_image_bytes,
+            max_dicom_bytes=self.max_dicom_bytes,
+            max_pixels=self.max_image_pixels,
+            max_frames=self.max_dicom_frames,
+            max_series_files=self.max_series_files,
+            max_images=self.max_images,
+        )
 
     @classmethod
     def settings_customise_sources(

@@ -33,13 +33,8 @@ from pydicom.uid import UID
 
 from coheara.errors import ImageError
 from coheara.imaging import image as _image
+from coheara.imaging import limits
 from coheara.imaging.image import PreparedImage, Provenance, read_file
-
-MAX_DICOM_BYTES = 512 * 1024 * 1024
-"""Largest DICOM file read; a multi-frame file may be larger than a single picture."""
-
-MAX_DICOM_FRAMES = 2_000
-"""Most frames one file may declare."""
 
 Recipe = Literal["ct_windows", "preset", "file_window", "min_max", "color"]
 RECIPES: tuple[str, ...] = ("ct_windows", "preset", "file_window", "min_max", "color")
@@ -113,7 +108,7 @@ def looks_like_dicom(data: bytes) -> bool:
 def read_dataset(source: str | Path | bytes | bytearray | memoryview) -> Dataset:
     """Parse a DICOM file or its bytes; pixel data stays encoded until a frame is asked for."""
     if isinstance(source, str | Path):
-        data = read_file(Path(source), MAX_DICOM_BYTES)
+        data = read_file(Path(source), limits.current().max_dicom_bytes)
     else:
         data = bytes(source)
     return _parse(data)
@@ -122,8 +117,9 @@ def read_dataset(source: str | Path | bytes | bytearray | memoryview) -> Dataset
 def _parse(data: bytes) -> Dataset:
     if not data:
         raise ImageError("image is empty")
-    if len(data) > MAX_DICOM_BYTES:
-        raise ImageError(f"DICOM data is larger than {MAX_DICOM_BYTES} bytes")
+    most = limits.current().max_dicom_bytes
+    if len(data) > most:
+        raise ImageError(f"DICOM data is larger than {most} bytes")
     if not looks_like_dicom(data):
         raise ImageError("data is not DICOM")
     has_preamble = len(data) >= 132 and data[128:132] == b"DICM"
@@ -195,12 +191,13 @@ def check_image(ds: Dataset) -> int:
         raise ImageError(f"DICOM image has {samples} samples per pixel; 1 or 3 are supported")
     if bits not in (1, 8, 16, 32, 64):
         raise ImageError(f"DICOM BitsAllocated {bits} is not supported")
-    if frames > MAX_DICOM_FRAMES:
-        raise ImageError(f"DICOM image has more than {MAX_DICOM_FRAMES} frames")
-    if rows * columns * samples > _image.MAX_IMAGE_PIXELS:
-        raise ImageError(f"DICOM image has more than {_image.MAX_IMAGE_PIXELS} pixels")
-    if rows * columns * samples * frames > _image.MAX_IMAGE_PIXELS:
-        raise ImageError(f"DICOM frames hold more than {_image.MAX_IMAGE_PIXELS} pixels in all")
+    most = limits.current()
+    if frames > most.max_frames:
+        raise ImageError(f"DICOM image has more than {most.max_frames} frames")
+    if rows * columns * samples > most.max_pixels:
+        raise ImageError(f"DICOM image has more than {most.max_pixels} pixels")
+    if rows * columns * samples * frames > most.max_pixels:
+        raise ImageError(f"DICOM frames hold more than {most.max_pixels} pixels in all")
     ts = _transfer_syntax(ds)
     if not ts.is_compressed:
         try:

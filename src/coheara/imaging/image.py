@@ -14,9 +14,7 @@ from PIL import Image, UnidentifiedImageError
 
 from coheara import model_facts
 from coheara.errors import ImageError
-
-MAX_IMAGE_BYTES = 64 * 1024 * 1024
-MAX_IMAGE_PIXELS = 50_000 * 50_000 // 4
+from coheara.imaging import limits
 
 
 @dataclass(frozen=True)
@@ -130,7 +128,8 @@ def load_image(
             array = ((array.astype(np.float64) - lo) * scale).round().astype(np.uint8)
         return _from_pil(Image.fromarray(array[..., :3]), label)
     if isinstance(source, Path):
-        return _decode_bytes(read_file(source, MAX_IMAGE_BYTES, dicom_allowed=True), label)
+        data = read_file(source, limits.current().max_image_bytes, dicom_allowed=True)
+        return _decode_bytes(data, label)
     if isinstance(source, str):
         text = source.strip()
         if text.startswith("data:"):
@@ -164,9 +163,9 @@ def read_file(path: Path, limit: int, *, dicom_allowed: bool = False) -> bytes:
 
 def _file_is_dicom(path: Path) -> bool:
     """A large file may still be a multi-frame DICOM, read up to the DICOM size limit."""
-    from coheara.imaging.dicom import MAX_DICOM_BYTES, looks_like_dicom
+    from coheara.imaging.dicom import looks_like_dicom
 
-    if path.stat().st_size > MAX_DICOM_BYTES:
+    if path.stat().st_size > limits.current().max_dicom_bytes:
         return False
     with path.open("rb") as handle:
         return looks_like_dicom(handle.read(132))
@@ -204,20 +203,22 @@ def _decode_bytes(data: bytes, label: str) -> PreparedImage:
 
     if dicom.looks_like_dicom(data):
         return dicom.load_first_frame(data, label=label)
-    if len(data) > MAX_IMAGE_BYTES:
-        raise ImageError(f"image is larger than {MAX_IMAGE_BYTES} bytes")
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    most = limits.current()
+    if len(data) > most.max_image_bytes:
+        raise ImageError(f"image is larger than {most.max_image_bytes} bytes")
+    # Our own check below runs before decoding; Pillow's is a second line of defence.
+    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, most.max_pixels)
     try:
         with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise ImageError(f"image has more than {MAX_IMAGE_PIXELS} pixels")
+            if image.width * image.height > most.max_pixels:
+                raise ImageError(f"image has more than {most.max_pixels} pixels")
             image.load()
             return _from_pil(image, label)
     except ImageError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
         if isinstance(exc, Image.DecompressionBombError):
-            raise ImageError(f"image has more than {MAX_IMAGE_PIXELS} pixels") from None
+            raise ImageError(f"image has more than {most.max_pixels} pixels") from None
         raise ImageError("image is not in a supported format") from None
     except (OSError, ValueError, SyntaxError):
         raise ImageError("image data is truncated or corrupt") from None

@@ -30,17 +30,11 @@ from pydicom.dataset import Dataset
 
 from coheara.errors import ImageError
 from coheara.imaging import dicom as _dicom
-from coheara.imaging import image as _image
+from coheara.imaging import limits
 from coheara.imaging.image import PreparedImage, Provenance
 
 DEFAULT_MAX_SLICES = 85
 """Most slices sent to the model, as in Google's CT and MRI notebooks."""
-
-MAX_SERIES_FILES = _dicom.MAX_DICOM_FRAMES
-"""Most files one series (or folder) may hold; checked before any file is read."""
-
-MAX_VOLUME_PIXELS = _image.MAX_IMAGE_PIXELS
-"""Most pixels the sampled slices may hold in all; checked before any pixel is decoded."""
 
 _POSITION_DECIMALS = 3
 """Positions equal to a micrometre are the same position (a duplicate slice)."""
@@ -142,8 +136,9 @@ def _read_header(ref: Path | bytes) -> Dataset | None:
     """The header without pixel data, or None when the data is not DICOM."""
     try:
         if isinstance(ref, Path):
-            if ref.stat().st_size > _dicom.MAX_DICOM_BYTES:
-                raise ImageError(f"DICOM file is larger than {_dicom.MAX_DICOM_BYTES} bytes")
+            most = limits.current().max_dicom_bytes
+            if ref.stat().st_size > most:
+                raise ImageError(f"DICOM file is larger than {most} bytes")
             with ref.open("rb") as handle:
                 head = handle.read(132)
                 if not _dicom.looks_like_dicom(head):
@@ -321,8 +316,8 @@ def load_volume(
     preset: str | None = None,
     window: tuple[float, float] | None = None,
     max_slices: int = DEFAULT_MAX_SLICES,
-    max_files: int = MAX_SERIES_FILES,
-    max_pixels: int = MAX_VOLUME_PIXELS,
+    max_files: int | None = None,
+    max_pixels: int | None = None,
 ) -> Volume:
     """One series into at most `max_slices` prepared slices in anatomical order.
 
@@ -333,6 +328,8 @@ def load_volume(
     """
     if max_slices < 1:
         raise ImageError("max_slices must be at least 1")
+    max_files = max_files or limits.current().max_series_files
+    max_pixels = max_pixels or limits.current().max_pixels
     refs, from_folder = _inputs(source, max_files)
     notes: list[str] = []
     headers: list[_Header] = []
