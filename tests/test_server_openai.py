@@ -19,6 +19,8 @@ import openai
 import pytest
 
 from coheara import Engine, model_facts
+from coheara.engine import InputMessage
+from coheara.imaging import load_image
 from samples import SYSTEM, TRIAGE_SCHEMA, noise_png
 
 MODEL = "medgemma"
@@ -137,13 +139,21 @@ def test_an_image_part_is_read(client: openai.OpenAI, engine: Engine) -> None:
         {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{encoded}"}},
     ]
     completion = client.chat.completions.create(model=MODEL, messages=[user(parts)], max_tokens=4)
-    expected = direct(engine.generate(PROMPT, images=[image], max_tokens=4))
+    # The text came first: the order is kept, as a volume's labelled slices need.
+    in_order = [InputMessage.from_parts("user", [PROMPT, load_image(image)])]
+    expected = direct(engine.generate(messages=in_order, max_tokens=4))
     assert completion.choices[0].message.content == expected.text
     assert completion.usage is not None
     assert completion.usage.prompt_tokens == expected.prompt_tokens
     bare = [parts[0], {"type": "image_url", "image_url": {"url": encoded}}]
     again = client.chat.completions.create(model=MODEL, messages=[user(bare)], max_tokens=4)
     assert again.usage is not None and again.usage.prompt_tokens == expected.prompt_tokens
+    # Image first, then text: the plain form every backend takes.
+    image_first = client.chat.completions.create(
+        model=MODEL, messages=[user([parts[1], parts[0]])], max_tokens=4
+    )
+    plain = direct(engine.generate(PROMPT, images=[image], max_tokens=4))
+    assert image_first.choices[0].message.content == plain.text
 
 
 def test_a_remote_image_url_is_refused_not_fetched(client: openai.OpenAI) -> None:

@@ -15,12 +15,14 @@ from coheara.cli.common import (
     ModelOption,
     UrlOption,
     err_console,
+    parse_window,
     settings_for,
     write,
 )
 from coheara.engine import Engine, ExtractionResult, GenerationResult
 from coheara.errors import InvalidRequestError
-from coheara.imaging.prepare import Prepared, is_series, prepare
+from coheara.imaging.limits import ImageLimits
+from coheara.imaging.prepare import Prepared, prepare, prepare_pair
 
 
 def _load_schema(path: Path) -> dict[str, Any]:
@@ -37,6 +39,33 @@ def _load_schema(path: Path) -> dict[str, Any]:
     if not isinstance(schema, dict):
         raise InvalidRequestError(f"schema file {path} must hold a JSON object")
     return schema
+
+
+def _prepared(
+    images: list[Path],
+    prior: Path | None,
+    preset: str | None,
+    window: str | None,
+    modality: str | None,
+    image_limits: ImageLimits,
+) -> Prepared | None:
+    if prior is not None:
+        if len(images) != 1:
+            raise InvalidRequestError("--prior goes with exactly one --image (the current study)")
+        return prepare_pair(
+            images[0], prior, preset=preset, window=parse_window(window), image_limits=image_limits
+        )
+    if not images:
+        if preset or window or modality:
+            raise InvalidRequestError("--preset, --window and --modality need an --image")
+        return None
+    return prepare(
+        images,
+        modality=modality,
+        preset=preset,
+        window=parse_window(window),
+        image_limits=image_limits,
+    )
 
 
 def evidence_line(result: GenerationResult) -> str:
@@ -74,6 +103,27 @@ def ask(
     max_tokens: Annotated[
         int | None, typer.Option("--max-tokens", help="Output limit (at most 8192).")
     ] = None,
+    prior: Annotated[
+        Path | None,
+        typer.Option(
+            "--prior",
+            help="The prior study of the one --image (a radiograph): sent as a labelled "
+            "PRIOR / CURRENT pair for a longitudinal comparison.",
+        ),
+    ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            "--preset", help="CT window preset for DICOM: lung, mediastinum, bone, brain, liver."
+        ),
+    ] = None,
+    window: Annotated[
+        str | None,
+        typer.Option("--window", help="Custom DICOM window as CENTER,WIDTH (HU for CT)."),
+    ] = None,
+    modality: Annotated[
+        str | None, typer.Option("--modality", help="Force the CT or MR recipe on DICOM.")
+    ] = None,
     backend: BackendOption = None,
     model: ModelOption = None,
     url: UrlOption = None,
@@ -83,18 +133,17 @@ def ask(
     async def main() -> None:
         settings = settings_for(backend)
         loaded_schema = _load_schema(schema) if schema else None
-        volume: Prepared | None = None
-        if image and is_series(image):
-            # Decoding a series takes a while: off the event loop.
-            volume = await asyncio.to_thread(prepare, list(image))
+        # Decoding a series or a large scan takes a while: off the event loop.
+        prepared = await asyncio.to_thread(
+            _prepared, image or [], prior, preset, window, modality, settings.image_limits()
+        )
         async with Engine.from_config(model=model, url=url, settings=settings) as engine:
             result: GenerationResult | None = None
             streamed = False
             async for chunk in engine.stream(
-                None if volume else prompt,
+                None if prepared else prompt,
                 system=system,
-                images=() if volume else (image or ()),
-                messages=volume.messages(prompt) if volume else None,
+                messages=prepared.messages(prompt) if prepared else None,
                 schema=loaded_schema,
                 max_tokens=max_tokens,
             ):
@@ -104,10 +153,6 @@ def ask(
                     write(chunk.text)
                     streamed = True
             assert result is not None
-            if volume is not None and volume.warnings:
-                result = result.model_copy(
-                    update={"warnings": [*volume.warnings, *result.warnings]}
-                )
             if as_json:
                 write(result.model_dump_json(indent=2) + "\n")
             elif isinstance(result, ExtractionResult):

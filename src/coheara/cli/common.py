@@ -6,6 +6,7 @@ line with its exit code, whichever command raised it.
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -13,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from coheara.errors import CohearaError
+from coheara.errors import CohearaError, ImageError
 from coheara.settings import Settings, load_settings
 
 T = TypeVar("T")
@@ -66,3 +67,19 @@ def fail(error: CohearaError, *, code: int | None = None) -> NoReturn:
 def write(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
+
+
+def parse_window(text: str | None) -> tuple[float, float] | None:
+    """`C,W` in modality units (HU for CT) into (center, width); None stays None."""
+    if text is None:
+        return None
+    parts = [part.strip() for part in text.split(",")]
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        center, width = float(parts[0]), float(parts[1])
+    except ValueError:
+        raise ImageError("--window must be CENTER,WIDTH, e.g. 40,400") from None
+    if not (math.isfinite(center) and math.isfinite(width)) or width <= 0:
+        raise ImageError("--window needs a finite center and a positive width")
+    return center, width

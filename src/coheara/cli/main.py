@@ -8,6 +8,7 @@ from coheara.cli.ask import ask
 from coheara.cli.common import err_console, report
 from coheara.cli.dev import dev_app
 from coheara.cli.doctor import doctor
+from coheara.cli.image import image_app
 from coheara.cli.selftest import selftest
 from coheara.cli.serve import serve
 from coheara.errors import CohearaError
@@ -24,6 +25,7 @@ app.command()(serve)
 app.command()(selftest)
 app.command()(doctor)
 app.add_typer(dev_app, name="dev")
+app.add_typer(image_app, name="image")
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ from coheara.errors import (
     OutputValidationError,
     UnsupportedCapabilityError,
 )
-from coheara.imaging import PreparedImage, load_image
+from coheara.imaging import PreparedImage, limits, load_image
 from coheara.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -195,9 +195,13 @@ class Engine:
             if output_schema is None
             else self._stream_structured(turns, options, capabilities, output_schema)
         )
+        evidence, image_warnings = _image_evidence(turns)
         # aclosing: a caller that stops early must stop the backend now, not at GC time.
         async with aclosing(inner):
             async for chunk in inner:
+                if chunk.result is not None and evidence:
+                    chunk.result.images = evidence
+                    chunk.result.warnings[:0] = image_warnings
                 yield chunk
 
     # ----- building the request -------------------------------------------------------
@@ -209,9 +213,14 @@ class Engine:
         images: Sequence[ImageInput],
         messages: Sequence[InputMessage] | None,
     ) -> list[InputMessage]:
-        prepared = tuple(
-            load_image(image, label=f"image {i + 1}") for i, image in enumerate(images)
-        )
+        image_limits = self.settings.image_limits()
+        with limits.applied(image_limits):
+            # Counted before any is decoded; messages may carry prepared images already.
+            already = sum(len(m.images) for m in messages or ())
+            limits.check_image_count(already + len(images))
+            prepared = tuple(
+                load_image(image, label=f"image {i + 1}") for i, image in enumerate(images)
+            )
         conversation: list[InputMessage] = []
         if system:
             conversation.append(InputMessage("system", system))
@@ -461,6 +470,20 @@ class Engine:
 
 
 MAX_FALLBACK_FIELDS = 16
+
+
+def _image_evidence(turns: Sequence[Message]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Each image's provenance in prompt order, and their warnings once each."""
+    evidence: list[dict[str, Any]] = []
+    notes: list[str] = []
+    for turn in turns:
+        for image in turn.images:
+            provenance = image.provenance
+            evidence.append(provenance.to_dict() if provenance else {"kind": "picture"})
+            for note in provenance.warnings if provenance else ():
+                if note not in notes:
+                    notes.append(note)
+    return evidence, notes
 
 
 def _field_schemas(schema: OutputSchema) -> list[tuple[str, OutputSchema]] | None:

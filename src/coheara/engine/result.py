@@ -25,6 +25,11 @@ class GenerationResult(BaseModel):
     reasoning_chars: int = Field(0, description="hidden reasoning stripped from the text")
     attempts: int = 1
     warnings: list[str] = Field(default_factory=list)
+    images: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="What was done to each image sent, in order (recipe, window, frame, "
+        "slice or tile position): non-identifying provenance, never metadata.",
+    )
 
 
 class ExtractionResult(GenerationResult):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +11,9 @@ import numpy as np
 from PIL import Image
 
 from coheara.errors import ImageError
+from coheara.imaging import limits
 from coheara.imaging.image import PreparedImage, load_image
+from coheara.imaging.limits import ImageLimits
 
 _RECIPE_FOR_MODALITY = {"CT": "ct_windows", "MR": "min_max"}
 
@@ -40,13 +42,28 @@ class Prepared:
         ]
         return out
 
+    def labels(self) -> list[str]:
+        """What names each image in the prompt: `SLICE n`, PRIOR / CURRENT, else `image n`."""
+        if self.kind == "volume":
+            return [f"SLICE {n}" for n in range(1, len(self.images) + 1)]
+        if self.kind == "pair":
+            return ["PRIOR", "CURRENT"]
+        return [f"image {n}" for n in range(1, len(self.images) + 1)]
+
     def messages(self, question: str, *, instruction: str | None = None) -> list[Any]:
-        """The engine's `messages=` for these images: a volume gets its slice labels."""
+        """The engine's `messages=` for these images: a volume gets its slice labels, a
+        pair its PRIOR and CURRENT labels, in one user turn of ordered parts."""
         from coheara.engine.chat_format import InputMessage
-        from coheara.imaging.volume import volume_messages
+        from coheara.imaging.volume import default_instruction, volume_messages
 
         if self.kind == "volume":
-            return volume_messages(question, self.volume, instruction=instruction)
+            instruction = instruction or default_instruction(self.volume)
+            return volume_messages(question, self.images, instruction=instruction)
+        if self.kind == "pair":
+            prior, current = self.images
+            parts: list[str | PreparedImage] = [instruction or PAIR_INSTRUCTION]
+            parts += ["PRIOR:", prior, "CURRENT:", current, question]
+            return [InputMessage.from_parts("user", parts)]
         out = [InputMessage("system", instruction)] if instruction else []
         out.append(InputMessage("user", question, self.images))
         return out
@@ -86,6 +103,39 @@ def is_series(items: Sequence[Any]) -> bool:
     return len(items) > 1 and all(_is_dicom_ref(item) for item in items)
 
 
+PAIR_INSTRUCTION = (
+    "You are given two chest X-rays of the same patient in time order: first the PRIOR "
+    "study, then the CURRENT study."
+)
+"""Says the order in words too, so a runtime that cannot interleave labels (Ollama) still
+tells the model which image is which."""
+
+
+def prepare_pair(
+    current: Any,
+    prior: Any,
+    *,
+    preset: str | None = None,
+    window: tuple[float, float] | None = None,
+    image_limits: ImageLimits | None = None,
+) -> Prepared:
+    """A current and a prior study (one image each: a picture or a single-frame DICOM) for
+    the longitudinal comparison MedGemma 1.5 supports; sent prior first, each labelled."""
+    with limits.applied(image_limits):
+        images = []
+        notes: list[str] = []
+        for role, source in (("prior", prior), ("current", current)):
+            one = prepare(source, preset=preset, window=window)
+            if len(one.images) != 1:
+                raise ImageError(
+                    f"the {role} study gives {len(one.images)} images; a pair takes one each",
+                    hint="pass one radiograph per study",
+                )
+            images.append(replace(one.images[0], source=role))
+            notes += [f"{role}: {note}" for note in one.warnings]
+        return Prepared(tuple(images), kind="pair", warnings=tuple(notes))
+
+
 def prepare(
     source: Any,
     *,
@@ -93,6 +143,7 @@ def prepare(
     preset: str | None = None,
     window: tuple[float, float] | None = None,
     max_slices: int = 85,
+    image_limits: ImageLimits | None = None,
 ) -> Prepared:
     """A file path, bytes, an array or PIL image, a folder, or a list of paths into images.
 
@@ -105,7 +156,21 @@ def prepare(
 
     modality: "CT" or "MR" forces that recipe on DICOM; preset (a CT preset name) or
     window ((center, width)) replaces the recipe; neither applies to pictures.
+    image_limits: the site's limits (`Settings.image_limits()`), else those in force.
     """
+    with limits.applied(image_limits):
+        prepared = _prepare(source, modality, preset, window, max_slices)
+        limits.check_image_count(len(prepared.images))
+        return prepared
+
+
+def _prepare(
+    source: Any,
+    modality: str | None,
+    preset: str | None,
+    window: tuple[float, float] | None,
+    max_slices: int,
+) -> Prepared:
     if modality is not None:
         modality = modality.strip().upper()
         if modality not in _RECIPE_FOR_MODALITY:
@@ -121,9 +186,7 @@ def prepare(
                 return _volume(items[0], modality, preset, window, max_slices)
             raise ImageError("give one folder, or files, not several folders")
         if len(items) == 1:
-            return prepare(
-                items[0], modality=modality, preset=preset, window=window, max_slices=max_slices
-            )
+            return _prepare(items[0], modality, preset, window, max_slices)
         dicom = [_is_dicom_ref(item) for item in items]
         if all(dicom):
             return _volume(items, modality, preset, window, max_slices)
@@ -185,4 +248,24 @@ def _volume(
     volume = load_volume(
         source, modality=modality, preset=preset, window=window, max_slices=max_slices
     )
-    return Prepared(volume.slices, kind="volume", warnings=volume.warnings, volume=volume)
+    return Prepared(
+        _carry_warnings(volume.slices, volume.warnings),
+        kind="volume",
+        warnings=volume.warnings,
+        volume=volume,
+    )
+
+
+def _carry_warnings(
+    images: tuple[PreparedImage, ...], notes: tuple[str, ...]
+) -> tuple[PreparedImage, ...]:
+    """Put the set's own warnings (order, sampling) on the first image's provenance too, so
+    they reach every result through the engine, whichever surface sent the images."""
+    first = images[0].provenance
+    if first is None:
+        return images
+    missing = tuple(n for n in notes if n not in first.warnings)
+    if not missing:
+        return images
+    provenance = replace(first, warnings=first.warnings + missing)
+    return (replace(images[0], provenance=provenance), *images[1:])

@@ -15,7 +15,7 @@ import re
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -25,7 +25,7 @@ from starlette.types import Receive, Scope, Send
 from coheara.backends.base import Capabilities, GenerationOptions
 from coheara.engine import Engine, GenerationResult, InputMessage, StreamChunk
 from coheara.engine.chat_format import InputRole
-from coheara.imaging import PreparedImage, decode_base64_image
+from coheara.imaging import PreparedImage, decode_base64_image, limits
 from coheara.server.errors import ClientGone, Dialect, unknown_model
 from coheara.settings import Settings
 
@@ -144,33 +144,59 @@ def get_state(request: Request) -> ServerState:
 
 @dataclass(frozen=True)
 class Turn:
-    """One message as a dialect received it, its images still base64 or data URIs."""
+    """One message as a dialect received it, its images still base64 or data URIs.
+
+    `parts`, when given, keeps texts and images in the order the client sent them
+    (an OpenAI content array: a CT volume's slices each followed by its `SLICE n`),
+    as ("text", text) and ("image", data) pairs; `text` and `images` are then unused.
+    """
 
     role: InputRole
     text: str = ""
     images: Sequence[str] = ()
+    parts: Sequence[tuple[Literal["text", "image"], str]] = ()
+
+    @property
+    def image_count(self) -> int:
+        if self.parts:
+            return sum(1 for kind, _ in self.parts if kind == "image")
+        return len(self.images)
 
 
-async def decode_turns(turns: Sequence[Turn]) -> list[InputMessage]:
+async def decode_turns(turns: Sequence[Turn], settings: Settings) -> list[InputMessage]:
     """The conversation in the engine's terms, images numbered across all turns.
 
-    Decoding and resizing happen off the event loop (an 896x896 resize of a large scan
-    takes a while), all images in one go; a server never opens a path or a URL a
-    client names (`decode_base64_image`).
+    The image count is checked before any image is decoded, and every image is held to
+    the deployment's limits (`Settings.image_limits`). Decoding and resizing happen off
+    the event loop, all images in one go; a server never opens a path or a URL a client
+    names (`decode_base64_image`).
     """
+    image_limits = settings.image_limits()
+    with limits.applied(image_limits):
+        limits.check_image_count(sum(turn.image_count for turn in turns))
 
     def convert() -> list[InputMessage]:
         messages: list[InputMessage] = []
         count = 0
-        for turn in turns:
-            images: list[PreparedImage] = []
-            for data in turn.images:
-                count += 1
-                images.append(decode_base64_image(data, label=f"image {count}"))
-            messages.append(InputMessage(turn.role, turn.text, tuple(images)))
+
+        def decode(data: str) -> PreparedImage:
+            nonlocal count
+            count += 1
+            return decode_base64_image(data, label=f"image {count}")
+
+        with limits.applied(image_limits):
+            for turn in turns:
+                if turn.parts:
+                    parts = [
+                        decode(value) if kind == "image" else value for kind, value in turn.parts
+                    ]
+                    messages.append(InputMessage.from_parts(turn.role, parts))
+                else:
+                    images = tuple(decode(data) for data in turn.images)
+                    messages.append(InputMessage(turn.role, turn.text, images))
         return messages
 
-    if not any(turn.images for turn in turns):
+    if not any(turn.image_count for turn in turns):
         return convert()
     return await asyncio.to_thread(convert)
 

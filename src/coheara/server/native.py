@@ -9,6 +9,9 @@ restarts on a repair retry or is rebuilt one field at a time), then one
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
@@ -16,7 +19,10 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from coheara import model_facts
-from coheara.engine import ExtractionResult, GenerationResult
+from coheara.engine import ExtractionResult, GenerationResult, InputMessage
+from coheara.errors import ImageError, InvalidRequestError
+from coheara.imaging import limits
+from coheara.imaging.prepare import prepare, prepare_pair
 from coheara.server.common import (
     NDJSON,
     EngineCall,
@@ -52,6 +58,31 @@ class NativeMessage(BaseModel):
     )
 
 
+class Study(BaseModel):
+    """Images prepared together: a CT or MR series (one volume, slices ordered and labelled),
+    a current and a prior radiograph (a labelled pair), or one DICOM with a chosen recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    files: list[str] = Field(
+        min_length=1,
+        description="Base64 files (DICOM or pictures): one image, or every file of one CT "
+        "or MR series, in any order.",
+    )
+    prior: str | None = Field(
+        None, description="Base64 prior study: `files` then holds the one current image."
+    )
+    modality: Literal["CT", "MR"] | None = Field(None, description="Force that DICOM recipe.")
+    preset: str | None = Field(
+        None, description="CT window preset: lung, mediastinum, bone, brain, liver."
+    )
+    window: tuple[float, float] | None = Field(None, description="Custom window (center, width).")
+    max_slices: int = Field(85, ge=1, le=85, description="A series is sampled evenly to this.")
+    instruction: str | None = Field(
+        None, description="Replaces the default instruction that precedes the images."
+    )
+
+
 class GenerateRequest(BaseModel):
     """Modes 1 and 2. Give `prompt`, `messages`, or both (the prompt becomes the last turn)."""
 
@@ -70,6 +101,11 @@ class GenerateRequest(BaseModel):
     messages: list[NativeMessage] | None = None
     images: list[str] = Field(
         default_factory=list, description="Base64 images or data URIs, attached to `prompt`."
+    )
+    study: Study | None = Field(
+        None,
+        description="Instead of `images`: a series, a pair or one DICOM with a recipe, sent "
+        "with `prompt` as the question after the images and their labels.",
     )
     max_tokens: int | None = Field(
         None,
@@ -132,10 +168,19 @@ async def _call(
     # The engine's own order: the system text, the messages, then the prompt and its images.
     turns = [Turn("system", body.system)] if body.system else []
     turns += [Turn(m.role, m.content, m.images) for m in body.messages or ()]
-    if body.prompt is not None or body.images:
+    if body.study is not None:
+        if body.images or not body.prompt:
+            raise InvalidRequestError(
+                "a study goes with a prompt (the question) and without `images`"
+            )
+    elif body.prompt is not None or body.images:
         turns.append(Turn("user", body.prompt or "", body.images))
+    messages = await decode_turns(turns, state.settings)
+    if body.study is not None:
+        assert body.prompt is not None
+        messages += await asyncio.to_thread(_study_messages, body.study, body.prompt, state)
     return EngineCall(
-        messages=await decode_turns(turns),
+        messages=messages,
         schema=schema,
         options=build_options(
             state.settings,
@@ -147,6 +192,37 @@ async def _call(
             stop=body.stop,
         ),
     )
+
+
+def _study_messages(study: Study, question: str, state: ServerState) -> list[InputMessage]:
+    """Decode and prepare a study under the deployment's limits (in a worker thread)."""
+    image_limits = state.settings.image_limits()
+    with limits.applied(image_limits):
+        limits.check_image_count(len(study.files) if study.prior is None else 2)
+        files = [_bytes(data, f"study file {i + 1}") for i, data in enumerate(study.files)]
+        options: dict[str, Any] = {"preset": study.preset, "window": study.window}
+        if study.prior is not None:
+            if len(files) != 1 or study.modality is not None:
+                raise ImageError("a pair takes one current file and one prior, without modality")
+            prepared = prepare_pair(files[0], _bytes(study.prior, "prior"), **options)
+        else:
+            source = files if len(files) > 1 else files[0]
+            prepared = prepare(
+                source, modality=study.modality, max_slices=study.max_slices, **options
+            )
+    return prepared.messages(question, instruction=study.instruction)
+
+
+def _bytes(data: str, label: str) -> bytes:
+    text = data.strip()
+    if text.startswith("data:"):
+        head, _, text = text.partition(",")
+        if ";base64" not in head:
+            raise ImageError(f"{label}: a data URI must be base64-encoded")
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError(f"{label} is not valid base64") from None
 
 
 async def _answer(request: Request, state: ServerState, call: EngineCall, stream: bool) -> Any:

@@ -440,7 +440,7 @@ async def chat(
             raise InvalidRequestError(f'"{body.model}" does not support tools')
         turns.append(Turn(message.role, message.content or "", message.images or ()))
     call = EngineCall(
-        messages=await decode_turns(turns),
+        messages=await decode_turns(turns, state.settings),
         schema=_schema(body.format),
         options=_options(state, body.options),
     )
@@ -474,7 +474,7 @@ async def generate(
     turns = [Turn("system", body.system)] if body.system else []
     turns.append(Turn("user", body.prompt or "", body.images or ()))
     call = EngineCall(
-        messages=await decode_turns(turns),
+        messages=await decode_turns(turns, state.settings),
         schema=_schema(body.format),
         options=_options(state, body.options),
     )

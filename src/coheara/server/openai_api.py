@@ -252,7 +252,17 @@ def _turn(message: ChatMessage, index: int) -> Turn:
         return Turn(role, content or "")
     texts = [part.text for part in content if isinstance(part, TextPart)]
     urls = [part.image_url.url for part in content if isinstance(part, ImagePart)]
-    return Turn(role, "\n".join(texts), urls)
+    kinds = ["image" if isinstance(part, ImagePart) else "text" for part in content]
+    if "text" not in kinds or "image" not in kinds[kinds.index("text") :]:
+        return Turn(role, "\n".join(texts), urls)  # images (if any) then text: the plain form
+    # A text before an image: keep the order, as a volume's slices each followed by its label.
+    return Turn(
+        role,
+        parts=[
+            ("text", part.text) if isinstance(part, TextPart) else ("image", part.image_url.url)
+            for part in content
+        ],
+    )
 
 
 def _schema(body: ChatCompletionRequest) -> dict[str, Any] | None:
@@ -274,7 +284,7 @@ async def _call(body: ChatCompletionRequest, state: ServerState) -> EngineCall:
     turns = [_turn(message, index) for index, message in enumerate(body.messages)]
     top_k = body.top_k if body.top_k is not None and body.top_k > 0 else None
     return EngineCall(
-        messages=await decode_turns(turns),
+        messages=await decode_turns(turns, state.settings),
         schema=_schema(body),
         options=build_options(
             state.settings,
