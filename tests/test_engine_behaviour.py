@@ -91,7 +91,7 @@ async def test_invalid_reply_is_repaired_with_the_problems_shown(
     script(fake, '{"heart_rate": 400, "rhythm": "sinus"}', '{"heart_rate": 88, "rhythm": "sinus"}')
     result = await engine.extract("HR 88, sinus rhythm.", schema=Vitals)
     assert result.value == Vitals(heart_rate=88, rhythm="sinus")
-    assert result.attempts == 2
+    assert result.attempts == 2 and result.strategy == "repaired"
     assert "attempt 1 invalid: heart_rate: maximum" in result.warnings
     retry = fake.chat_bodies[1]["messages"]
     assert [m["role"] for m in retry] == ["user", "assistant", "user"]
@@ -110,7 +110,7 @@ async def test_fallback_asks_one_field_at_a_time(engine: Engine, fake: FakeOllam
     )
     result = await engine.extract("HR 72, AF.", schema=Vitals)
     assert result.value == Vitals(heart_rate=72, rhythm="atrial fibrillation")
-    assert result.attempts == 4
+    assert result.attempts == 4 and result.strategy == "field_by_field"
     assert any("one field at a time (2 calls)" in w for w in result.warnings)
     field_calls = fake.chat_bodies[2:]
     assert [list(b["format"]["properties"]) for b in field_calls] == [["heart_rate"], ["rhythm"]]

@@ -9,6 +9,7 @@ Messages never contain patient text: they state numbers, model ids and fixes.
     ├── InvalidRequestError           exit 4   400  fix the request
     │   ├── ImageError                exit 4   400
     │   ├── UnsupportedCapabilityError exit 4  400  e.g. image to a text-only model
+    │   ├── TaskNotFoundError         exit 4   404  no task with that id
     │   └── ContextOverflowError      exit 5   400  shorten the input or raise the window
     │       └── SilentTruncationError exit 5   400  the backend dropped part of the prompt
     ├── ModelNotFoundError            exit 6   404  pull or configure the model
@@ -65,6 +66,11 @@ class ImageError(InvalidRequestError):
 
 class UnsupportedCapabilityError(InvalidRequestError):
     code = "unsupported_capability"
+
+
+class TaskNotFoundError(InvalidRequestError):
+    http_status = 404
+    code = "task_not_found"
 
 
 class ContextOverflowError(InvalidRequestError):

@@ -102,6 +102,12 @@ class Settings(BaseSettings):
     extract_field_fallback: bool = Field(
         default=True, description="After failed retries, ask for one top-level field at a time."
     )
+    extract_max_string: int = Field(
+        default=2000, ge=8, le=100_000, description="maxLength put on every schema string."
+    )
+    extract_max_items: int = Field(
+        default=64, ge=1, le=10_000, description="maxItems put on every schema array."
+    )
     guard_enabled: bool = True
 
     max_images: int = Field(default=128, ge=1, le=1024, description="Images per request.")

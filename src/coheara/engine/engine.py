@@ -172,6 +172,15 @@ class Engine:
         assert isinstance(result, ExtractionResult)
         return result
 
+    async def run_task(
+        self, task: str, request: dict[str, Any] | Any, *, images: Sequence[Any] = ()
+    ) -> Any:
+        """A clinical task (`SLM-01` ... , `IMG-...`, `EXT-...`) as a checked, traceable
+        draft: a thin door to `coheara.tasks.run_task`, which sits above the engine."""
+        from coheara.tasks.runner import run_task
+
+        return await run_task(self, request, task=task, images=images)
+
     async def stream(
         self,
         prompt: str | None = None,
@@ -187,7 +196,15 @@ class Engine:
         # Decoding and resizing a large scan takes a while: off the event loop.
         conversation = await asyncio.to_thread(self._conversation, prompt, system, images, messages)
         options = self._options(options, max_tokens)
-        output_schema = OutputSchema.build(schema) if schema is not None else None
+        output_schema = (
+            OutputSchema.build(
+                schema,
+                max_length=self.settings.extract_max_string,
+                max_items=self.settings.extract_max_items,
+            )
+            if schema is not None
+            else None
+        )
         turns = to_gemma_turns(conversation)
         capabilities = await self._check_capabilities(turns)
         inner = (
@@ -400,6 +417,7 @@ class Engine:
             value, problems = _check_output(schema, state)
             if not problems:
                 result = self._extraction(state, spent, started, number, capabilities, value)
+                result.strategy = "whole" if number == 1 else "repaired"
                 yield StreamChunk(result=result)
                 return
             warnings.append(
@@ -441,6 +459,7 @@ class Engine:
                     f"{attempts} invalid attempt(s)"
                 )
                 result = self._extraction(merged, spent, started, number, capabilities, value)
+                result.strategy = "field_by_field"
                 yield StreamChunk(result=result)
                 return
         cut_short = problems and problems[0].keyword == "length"

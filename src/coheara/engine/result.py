@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -37,6 +37,12 @@ class ExtractionResult(GenerationResult):
 
     Its token counts add up every call it took: repair retries and field-by-field calls.
     """
+
+    strategy: Literal["whole", "repaired", "field_by_field"] = Field(
+        "whole",
+        description="How the value was obtained: the whole object in one constrained call, "
+        "after repair retries, or assembled in code from one call per top-level field.",
+    )
 
     value: Any
 

@@ -41,6 +41,9 @@ class SyncEngine:
     def extract(self, prompt: str | None = None, **kwargs: Any) -> ExtractionResult:
         return self._run(self.engine.extract(prompt, **kwargs))
 
+    def run_task(self, task: str, request: Any, **kwargs: Any) -> Any:
+        return self._run(self.engine.run_task(task, request, **kwargs))
+
     def stream(self, prompt: str | None = None, **kwargs: Any) -> Iterator[StreamChunk]:
         """Chunks as they come; breaking out of the loop cancels the generation."""
         items: queue.Queue[Any] = queue.Queue()

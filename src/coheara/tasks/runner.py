@@ -1,0 +1,249 @@
+"""One task request through the engine into a checked, traceable draft.
+
+validate the input -> number its sources -> write the prompt (task instruction,
+citation rules, SOURCES; images first for an imaging task) -> structured extraction
+(constrained, repaired, or one field at a time: the engine's strategy) -> shared
+checks (citations, numbers, gap markers) -> the task's own checks (which may correct
+the draft in code) -> a bounded re-ask where the task wants one -> the response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ValidationError
+
+from coheara.backends.base import GenerationOptions
+from coheara.engine.chat_format import InputMessage
+from coheara.errors import InvalidRequestError, OutputValidationError
+from coheara.tasks.envelope import (
+    TaskMetadata,
+    TaskRequest,
+    TaskResponse,
+    Validation,
+)
+from coheara.tasks.registry import get_task
+from coheara.tasks.sources import Sources
+from coheara.tasks.spec import CITATION_RULES, Review, TaskSpec
+from coheara.tasks.trace import confidence, run_shared_checks
+
+if TYPE_CHECKING:
+    from coheara.engine import Engine, ExtractionResult
+    from coheara.imaging.limits import ImageLimits
+    from coheara.imaging.prepare import Prepared
+
+
+def validate_input(spec: TaskSpec, data: dict[str, Any]) -> BaseModel:
+    """The input against the task's model; the error names fields and rules, never values."""
+    try:
+        return spec.input_model.model_validate(data)
+    except ValidationError as exc:
+        problems = [
+            f"{'.'.join(str(p) for p in error['loc']) or 'input'}: {error['msg']}"
+            for error in exc.errors(include_input=False, include_url=False)[:5]
+        ]
+        raise InvalidRequestError(
+            f"input for {spec.id} is invalid: " + "; ".join(problems),
+            hint=f"see the input schema: coheara tasks {spec.id}",
+        ) from None
+
+
+def user_text(spec: TaskSpec, data: BaseModel, request: TaskRequest, sources: Sources) -> str:
+    parts = [spec.instruction(data, request.context).strip()]
+    context = request.context
+    if context is not None:
+        if context.purpose:
+            parts.append(f"Purpose of this draft: {context.purpose}")
+        if context.boundaries:
+            parts.append(f"Boundaries: {context.boundaries}")
+        if isinstance(context.template, str):
+            parts.append(f"Template guidance: {context.template}")
+    parts.append(CITATION_RULES)
+    parts.append("SOURCES:\n" + (sources.render() or "(none)"))
+    return "\n\n".join(parts)
+
+
+async def run_task(
+    engine: Engine,
+    request: TaskRequest | dict[str, Any],
+    *,
+    task: str | TaskSpec | None = None,
+    images: Sequence[Any] | Prepared = (),
+) -> TaskResponse:
+    """Run one task (an id, or a spec of the caller's own). `images`: paths, bytes or
+    arrays (or an already prepared set) for an imaging task, besides any base64 `images`
+    in the request."""
+    started = time.perf_counter()
+    if not isinstance(request, TaskRequest):
+        try:
+            request = TaskRequest.model_validate(request)
+        except ValidationError as exc:
+            first = exc.errors(include_input=False, include_url=False)[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise InvalidRequestError(f"task request invalid: {where}: {first['msg']}") from None
+    spec = task if isinstance(task, TaskSpec) else get_task(task or request.task or "")
+    data = validate_input(spec, request.input)
+    sources = Sources.from_input(data, skip=spec.sources_skip)
+    text = user_text(spec, data, request, sources)
+    prepared = await asyncio.to_thread(_images, spec, request, images, engine)
+    messages = _messages(prepared, text)
+    options = GenerationOptions(
+        max_tokens=request.max_tokens or spec.max_tokens, temperature=spec.temperature
+    )
+
+    result = await engine.extract(
+        system=spec.system_prompt, messages=messages, schema=spec.output_model, options=options
+    )
+    review, revisions = _review(spec, data, sources, request, result), 0
+    while spec.revise is not None and revisions < spec.max_revisions:
+        follow_up = spec.revise(review)
+        if follow_up is None:
+            break
+        revisions += 1
+        messages = [
+            *messages,
+            InputMessage("assistant", result.text),
+            InputMessage("user", follow_up),
+        ]
+        result = _add_usage(
+            result,
+            await engine.extract(
+                system=spec.system_prompt,
+                messages=messages,
+                schema=spec.output_model,
+                options=options,
+            ),
+        )
+        review = _review(spec, data, sources, request, result)
+
+    try:  # the checks may have corrected the draft: it must still fit the output model
+        final = spec.output_model.model_validate(review.draft)
+    except ValidationError as exc:
+        raise OutputValidationError(
+            f"{spec.id}: the corrected draft no longer fits its schema",
+            problems=[str(e["loc"]) for e in exc.errors(include_input=False)],
+        ) from None
+    elapsed_ms = (time.perf_counter() - started) * 1000.0
+    target = spec.latency_target_ms
+    response = TaskResponse(
+        task_id=spec.id,
+        request_id=request.request_id,
+        clinical_event_id=request.clinical_event_id,
+        patient_scope_id=request.patient_scope_id,
+        draft=final.model_dump(mode="json"),
+        confidence=confidence(review),
+        gaps=review.gaps,
+        trace=review.links,
+        validation=Validation(
+            passed=not any(f.severity == "error" for f in review.findings),
+            findings=review.findings,
+        ),
+        metadata=TaskMetadata(
+            task_version=spec.version,
+            prompt_hash=spec.prompt_hash,
+            model=result.model,
+            backend=result.backend,
+            strategy=result.strategy,
+            revisions=revisions,
+            processing_ms=round(elapsed_ms, 1),
+            time_to_first_token_ms=(
+                round(result.time_to_first_token_s * 1000.0, 1)
+                if result.time_to_first_token_s is not None
+                else None
+            ),
+            latency_target_ms=target,
+            within_target=None if target is None else elapsed_ms <= target,
+            prompt_tokens=result.prompt_tokens,
+            output_tokens=result.output_tokens,
+            attempts=result.attempts,
+            warnings=result.warnings,
+            images=result.images,
+        ),
+    )
+    if request.fhir:
+        if spec.to_fhir is None:
+            raise InvalidRequestError(f"{spec.id} has no FHIR form")
+        response.fhir = spec.to_fhir(final, request)
+    return response
+
+
+def _review(
+    spec: TaskSpec,
+    data: BaseModel,
+    sources: Sources,
+    request: TaskRequest,
+    result: ExtractionResult,
+) -> Review:
+    value = result.value
+    draft = value.model_dump(mode="json") if isinstance(value, BaseModel) else dict(value)
+    review = Review(spec, data, sources, draft, context=request.context)
+    run_shared_checks(review)
+    for check in spec.checks:
+        check(review)
+    return review
+
+
+def _add_usage(before: ExtractionResult, after: ExtractionResult) -> ExtractionResult:
+    """The revised result, with the tokens and attempts of every call that led to it."""
+    return after.model_copy(
+        update={
+            "prompt_tokens": before.prompt_tokens + after.prompt_tokens,
+            "output_tokens": before.output_tokens + after.output_tokens,
+            "attempts": before.attempts + after.attempts,
+            "warnings": [*before.warnings, *after.warnings],
+            "time_to_first_token_s": before.time_to_first_token_s,
+        }
+    )
+
+
+def _images(
+    spec: TaskSpec, request: TaskRequest, images: Sequence[Any] | Prepared, engine: Engine
+) -> Prepared | None:
+    from coheara.imaging import limits
+    from coheara.imaging.prepare import Prepared
+
+    if isinstance(images, Prepared):
+        given: Prepared | None = images
+    else:
+        items: list[Any] = list(images)
+        if request.images:
+            with limits.applied(engine.settings.image_limits()):
+                limits.check_image_count(len(items) + len(request.images))
+            items += [_decode(data, i + 1) for i, data in enumerate(request.images)]
+        prepare_images = spec.prepare_images or _prepare_default
+        given = prepare_images(items, engine.settings.image_limits()) if items else None
+    if spec.mode == "image" and given is None:
+        raise InvalidRequestError(f"{spec.id} reads images: give at least one")
+    if spec.mode != "image" and given is not None:
+        raise InvalidRequestError(f"{spec.id} takes no images")
+    return given
+
+
+def _prepare_default(items: list[Any], image_limits: ImageLimits) -> Prepared:
+    from coheara.imaging.prepare import prepare
+
+    return prepare(items if len(items) > 1 else items[0], image_limits=image_limits)
+
+
+def _decode(data: str, number: int) -> bytes:
+    import base64
+    import binascii
+
+    from coheara.errors import ImageError
+
+    text = data.strip()
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError(f"image {number} is not valid base64") from None
+
+
+def _messages(prepared: Prepared | None, text: str) -> list[InputMessage]:
+    if prepared is None:
+        return [InputMessage("user", text)]
+    return list(prepared.messages(text))
