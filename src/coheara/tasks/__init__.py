@@ -3,7 +3,7 @@ validated, traceable drafts on top of the engine."""
 
 from coheara.tasks.envelope import ArtifactContext, TaskRequest, TaskResponse
 from coheara.tasks.registry import all_tasks, get_task
-from coheara.tasks.runner import run_task
+from coheara.tasks.runner import review_draft, run_task
 from coheara.tasks.spec import Cited, Review, Statement, TaskSpec
 
 __all__ = [
@@ -16,5 +16,6 @@ __all__ = [
     "TaskSpec",
     "all_tasks",
     "get_task",
+    "review_draft",
     "run_task",
 ]

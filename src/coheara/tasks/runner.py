@@ -20,6 +20,7 @@ from coheara.backends.base import GenerationOptions
 from coheara.engine.chat_format import InputMessage
 from coheara.errors import InvalidRequestError, OutputValidationError
 from coheara.tasks.envelope import (
+    ArtifactContext,
     TaskMetadata,
     TaskRequest,
     TaskResponse,
@@ -179,7 +180,24 @@ def _review(
 ) -> Review:
     value = result.value
     draft = value.model_dump(mode="json") if isinstance(value, BaseModel) else dict(value)
-    review = Review(spec, data, sources, draft, context=request.context)
+    return review_draft(spec, data, draft, sources=sources, context=request.context)
+
+
+def review_draft(
+    spec: TaskSpec,
+    data: BaseModel | dict[str, Any],
+    draft: dict[str, Any],
+    *,
+    sources: Sources | None = None,
+    context: ArtifactContext | None = None,
+) -> Review:
+    """Every check of `spec` on a draft, without a model call: what the runner does after
+    generation, and what a test or an auditor runs on a stored or crafted draft."""
+    if not isinstance(data, BaseModel):
+        data = validate_input(spec, data)
+    if sources is None:
+        sources = Sources.from_input(data, skip=spec.sources_skip)
+    review = Review(spec, data, sources, draft, context=context)
     run_shared_checks(review)
     for check in spec.checks:
         check(review)
