@@ -241,3 +241,31 @@ def test_openai_parts_keep_a_volumes_slice_labels_in_order(
     # The PNG on the wire carries the prepared pixels exactly.
     decoded = load_image(content[1]["image_url"]["url"])
     assert int(decoded.pixels[448, 448, 0]) == red_of(0)
+
+
+# ----- tiles and pages through prepare ---------------------------------------------------------
+
+
+def test_prepare_tiles_a_slide_into_labelled_patches_in_spatial_order() -> None:
+    slide = np.full((896 * 2, 896 * 2, 3), 255, np.uint8)  # white background
+    texture = np.random.default_rng(3).integers(0, 40, (896, 896, 1), dtype=np.uint8)
+    slide[:896, 896:] = texture + np.array([150, 40, 120], np.uint8)  # tissue: row 1, column 2
+    slide[896:, :896] = texture + np.array([90, 20, 140], np.uint8)  # tissue: row 2, column 1
+    prepared = prepare(slide, tiles=True)
+    assert prepared.kind == "tiles" and len(prepared.images) == 2
+    assert prepared.labels() == ["PATCH 1 (row 1, column 2)", "PATCH 2 (row 2, column 1)"]
+    assert np.array_equal(prepared.images[0].pixels, slide[:896, 896:])
+    [message] = prepared.messages(QUESTION)
+    assert message.parts[-1] == QUESTION and message.parts[2] == "PATCH 1 (row 1, column 2)"
+    assert prepared.summary()["skipped_background"] == 2
+    with pytest.raises(ImageError, match="one large picture"):
+        prepare([png((1, 1, 1))] * 2, tiles=True)
+
+
+def test_prepare_gives_every_page_of_a_multi_page_tiff() -> None:
+    buffer = io.BytesIO()
+    first, second = Image.new("RGB", (20, 20), (250, 0, 0)), Image.new("RGB", (20, 20), (0, 250, 0))
+    first.save(buffer, format="TIFF", save_all=True, append_images=[second])
+    prepared = prepare(buffer.getvalue())
+    assert prepared.kind == "images"
+    assert [tuple(i.pixels[0, 0]) for i in prepared.images] == [(250, 0, 0), (0, 250, 0)]

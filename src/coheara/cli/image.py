@@ -90,6 +90,8 @@ def window_text(provenance: dict[str, Any] | None) -> str:
             return f"range {_number(lo)}..{_number(hi)}"
         if recipe == "color":
             return "none (colour kept)"
+        if recipe in ("square_resize", "tile", "tile_resize"):
+            return "none (a picture, resized)" if recipe == "square_resize" else "none (a tile)"
     except (TypeError, ValueError):
         pass
     return "-" if window is None else str(window)[:60]

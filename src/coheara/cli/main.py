@@ -11,6 +11,7 @@ from coheara.cli.doctor import doctor
 from coheara.cli.image import image_app
 from coheara.cli.selftest import selftest
 from coheara.cli.serve import serve
+from coheara.cli.tasks import run, tasks
 from coheara.errors import CohearaError
 
 app = typer.Typer(
@@ -24,6 +25,8 @@ app.command()(ask)
 app.command()(serve)
 app.command()(selftest)
 app.command()(doctor)
+app.command()(tasks)
+app.command()(run)
 app.add_typer(dev_app, name="dev")
 app.add_typer(image_app, name="image")
 

@@ -1,20 +1,68 @@
-"""The neutral decoded image: 896x896 RGB uint8, as the Gemma 3 processor would make it."""
+"""The neutral decoded image: 896x896 RGB uint8, as the Gemma 3 processor would make it.
+
+Pictures (PNG, JPEG, TIFF, ...) are decoded with Pillow under `limits.current()`, checked
+before any pixel is decoded, then:
+
+- EXIF orientation applied (a phone photograph of a skin lesion or a fundus comes out
+  upright); a damaged EXIF block is ignored with a warning, never a failure;
+- colour kept; every mode becomes RGB as the Hugging Face Gemma 3 processor's
+  `convert("RGB")` does it: alpha is dropped (a transparent pixel keeps the colour the file
+  stores under it), palette, 1-bit, greyscale and CMYK (Pillow's conversion, no ICC colour
+  management) expanded to RGB;
+- 16-bit and 32-bit greyscale scaled from the image's own value range to 0..255, never
+  clipped at 255 (which would turn most of the image white);
+- resized to a square 896x896, bilinear, aspect not kept (the processor's resize).
+
+A multi-page file (TIFF, GIF, ...) gives its first page to `load_image` and every page
+to `load_pages`. Each result carries a non-identifying `Provenance` saying what was done.
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import io
-from dataclasses import dataclass, field
+import struct
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from coheara import model_facts
 from coheara.errors import ImageError
 from coheara.imaging import limits
+
+ImageSource = str | Path | bytes | bytearray | memoryview | np.ndarray | Image.Image
+"""What the loaders accept (besides a `PreparedImage`, passed through as it is)."""
+
+_ORIENTATIONS = {
+    2: "mirrored left to right",
+    3: "rotated 180 degrees",
+    4: "mirrored top to bottom",
+    5: "transposed",
+    6: "rotated 90 degrees clockwise",
+    7: "transversed",
+    8: "rotated 90 degrees counter-clockwise",
+}
+"""EXIF orientation values and what `ImageOps.exif_transpose` does to make them upright."""
+
+_HIGH_DEPTH = {
+    "I;16": "16-bit",
+    "I;16L": "16-bit",
+    "I;16B": "16-bit",
+    "I;16N": "16-bit",
+    "I": "32-bit integer",
+    "F": "32-bit float",
+}
+"""Pillow modes whose values `convert("RGB")` would clip at 255: scaled instead."""
+
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, KeyError)
+"""What Pillow raises on a truncated or malformed file (besides its own bomb error)."""
 
 
 @dataclass(frozen=True)
@@ -22,12 +70,15 @@ class Provenance:
     """What was done to an image: non-identifying fields only.
 
     Never a patient name, ID, date, institution or file name: only codes (modality,
-    photometric interpretation, transfer syntax), the recipe and window applied, the
-    frame, and warnings written by Coheara itself.
+    photometric interpretation, transfer syntax, picture format and mode), the recipe and
+    window applied, the frame or page, and warnings written by Coheara itself.
     """
 
     kind: str
+    """"dicom", "picture" (a decoded file or PIL image) or "array" (a numpy array)."""
     recipe: str
+    """DICOM: "ct_windows", "min_max", ...; pictures: "square_resize" (colours kept) or
+    "min_max" (a 16/32-bit image scaled from its value range, given in `window`)."""
     modality: str | None = None
     window: Any = None
     preset: str | None = None
@@ -35,9 +86,17 @@ class Provenance:
     photometric: str | None = None
     inverted: bool = False
     frame_index: int = 0
+    """0-based frame (DICOM) or page (TIFF, GIF) this image comes from."""
     frames: int = 1
+    """Frames or pages the file holds."""
     transfer_syntax: str | None = None
     warnings: tuple[str, ...] = ()
+    source_format: str | None = None
+    """Picture file format as Pillow names it ("PNG", "JPEG", "TIFF")."""
+    source_mode: str | None = None
+    """Pillow mode of the decoded picture before conversion ("RGB", "I;16", "CMYK", "P")."""
+    orientation: int | None = None
+    """EXIF orientation applied (2..8); None when the picture was upright as stored."""
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
@@ -91,59 +150,117 @@ def square_rgb(array: np.ndarray) -> np.ndarray:
     return np.asarray(resized, dtype=np.uint8).copy()
 
 
-def _from_pil(image: Image.Image, source: str) -> PreparedImage:
-    side = model_facts.IMAGE_SIZE
-    if image.width == 0 or image.height == 0:
-        raise ImageError("image has zero size")
-    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        # Pillow clips 16-bit and float pixels to 255 on convert("RGB"): scale them instead.
-        return load_image(np.asarray(image), label=source)
-    rgb = image.convert("RGB")
-    if rgb.size != (side, side):
-        # Square resize without keeping the aspect ratio, bilinear: what the Gemma 3
-        # image processor does, so every runtime sees the same pixels.
-        rgb = rgb.resize((side, side), Image.Resampling.BILINEAR)
-    return PreparedImage(np.asarray(rgb, dtype=np.uint8).copy(), source=source)
+# ------------------------------------------------------------------------ entry points
 
 
 def load_image(
-    source: str | Path | bytes | np.ndarray | Image.Image | PreparedImage,
+    source: ImageSource | PreparedImage,
     *,
     label: str = "image",
 ) -> PreparedImage:
-    """Decode a file path, raw bytes, a base64 string or data URI, an array or a PIL image."""
+    """Decode a file path, raw bytes, a base64 string or data URI, an array or a PIL image.
+
+    A multi-page file gives its first page, with a warning that the others were ignored
+    (`load_pages` reads them all); DICOM gives its first frame (`load_dicom` for all).
+    """
     if isinstance(source, PreparedImage):
         return source
     if isinstance(source, Image.Image):
-        return _from_pil(source, label)
+        return _picture(source, label)
     if isinstance(source, np.ndarray):
-        array = source
-        if array.ndim == 2:
-            array = np.stack([array] * 3, axis=-1)
-        if array.ndim != 3 or array.shape[-1] not in (3, 4) or array.size == 0:
-            raise ImageError("array image must be HxW, HxWx3 or HxWx4")
-        if array.dtype != np.uint8:
-            lo, hi = float(array.min()), float(array.max())
-            scale = 255.0 / (hi - lo) if hi > lo else 0.0
-            array = ((array.astype(np.float64) - lo) * scale).round().astype(np.uint8)
-        return _from_pil(Image.fromarray(array[..., :3]), label)
+        return _from_array(source, label)
+    return _decode_bytes(source_bytes(source, label), label)
+
+
+def load_pages(
+    source: ImageSource | PreparedImage,
+    *,
+    max_pages: int | None = None,
+    label: str = "image",
+) -> list[PreparedImage]:
+    """Every page of a multi-page picture (TIFF, GIF, ...) in file order, each prepared as
+    `load_image` prepares one; a one-page picture or an array gives a list of one.
+
+    Every page's size is checked against `limits.current().max_pixels` (and all pages
+    together against it too) before any page is decoded; a file with more pages than
+    `max_frames` is refused. max_pages: read only the first pages, with a warning on each
+    saying how many the file holds. DICOM bytes or files give their frames (`load_dicom`).
+    """
+    if max_pages is not None and max_pages < 1:
+        raise ImageError("max_pages must be at least 1")
+    if isinstance(source, PreparedImage):
+        return [source]
+    if isinstance(source, np.ndarray):
+        return [_from_array(source, label)]
+    if isinstance(source, Image.Image):
+        return _pages(source, label, max_pages)
+    data = source_bytes(source, label)
+    if not data:
+        raise ImageError("image is empty")
+    from coheara.imaging import dicom  # pydicom loads only when DICOM arrives
+
+    if dicom.looks_like_dicom(data):
+        frames = dicom.load_dicom(data)
+        if max_pages is None or len(frames) <= max_pages:
+            return frames
+        note = f"DICOM has {len(frames)} frames; the first {max_pages} were read"
+        return [_with_warning(frame, note) for frame in frames[:max_pages]]
+    with open_picture(data) as image:
+        return _pages(image, label, max_pages)
+
+
+def decode_base64_image(data: str, *, label: str = "image") -> PreparedImage:
+    """Base64 or a base64 data URI only: what a server accepts, never a path or a URL."""
+    return _decode_bytes(base64_bytes(data, label), label)
+
+
+def decode_rgb(source: ImageSource, *, label: str = "image") -> tuple[Image.Image, Provenance]:
+    """The first page at full resolution, upright and RGB, with what was done (no resize).
+
+    For callers that cut the picture themselves (`coheara.imaging.tiles`). DICOM is
+    refused: its pixels need a recipe (`load_dicom`).
+    """
+    if isinstance(source, np.ndarray):
+        array, recipe, window, notes = _array_rgb(source)
+        prov = Provenance(kind="array", recipe=recipe, window=window, warnings=tuple(notes))
+        return Image.fromarray(array, mode="RGB"), prov
+    if isinstance(source, Image.Image):
+        return _upright_rgb(source)
+    data = source_bytes(source, label)
+    if not data:
+        raise ImageError("image is empty")
+    from coheara.imaging.dicom import looks_like_dicom
+
+    if looks_like_dicom(data):
+        raise ImageError("DICOM input cannot be used here", hint="use load_dicom")
+    with open_picture(data) as image:
+        pages = _count_pages(image, limits.current().max_frames)
+        upright, provenance = _upright_rgb(image, pages=pages, notes=_first_page_notes(pages))
+        upright.load()  # decoded while the file is open: the caller gets pixels, not a closed file
+        return upright, provenance
+
+
+# ------------------------------------------------------------------------ reading inputs
+
+
+def source_bytes(source: str | Path | bytes | bytearray | memoryview, label: str) -> bytes:
+    """The encoded bytes of a path, a base64 string or data URI, or bytes (nothing decoded)."""
     if isinstance(source, Path):
-        data = read_file(source, limits.current().max_image_bytes, dicom_allowed=True)
-        return _decode_bytes(data, label)
+        return read_file(source, limits.current().max_image_bytes, dicom_allowed=True)
     if isinstance(source, str):
         text = source.strip()
         if text.startswith("data:"):
-            return decode_base64_image(text, label=label)
+            return base64_bytes(text, label)
         if _is_file(text):
-            return load_image(Path(text), label=label)
+            return read_file(Path(text), limits.current().max_image_bytes, dicom_allowed=True)
         try:
-            return decode_base64_image(text, label=label)
+            return base64_bytes(text, label)
         except ImageError as exc:
             if "base64" not in exc.message:
                 raise
             raise ImageError(f"{label} is neither a readable file nor valid base64") from None
     if isinstance(source, bytes | bytearray | memoryview):
-        return _decode_bytes(bytes(source), label)
+        return bytes(source)
     raise ImageError(f"unsupported image input type {type(source).__name__}")
 
 
@@ -178,8 +295,8 @@ def _is_file(text: str) -> bool:
         return False
 
 
-def decode_base64_image(data: str, *, label: str = "image") -> PreparedImage:
-    """Base64 or a base64 data URI only: what a server accepts, never a path or a URL."""
+def base64_bytes(data: str, label: str) -> bytes:
+    """Base64 or a base64 data URI to bytes; never a path or a URL (what a server accepts)."""
     text = data.strip()
     if text.startswith("data:"):
         head, _, text = text.partition(",")
@@ -190,10 +307,64 @@ def decode_base64_image(data: str, *, label: str = "image") -> PreparedImage:
             f"{label}: remote or file URLs are not fetched", hint="send the image as base64"
         )
     try:
-        raw = base64.b64decode("".join(text.split()), validate=True)
+        return base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError):
         raise ImageError(f"{label} is not valid base64") from None
-    return _decode_bytes(raw, label)
+
+
+@contextmanager
+def open_picture(data: bytes) -> Iterator[Image.Image]:
+    """Pillow's lazy image of `data` (nothing decoded yet), under the byte limit; decoding
+    errors inside the block become one-line `ImageError`s."""
+    most = limits.current()
+    if len(data) > most.max_image_bytes:
+        raise ImageError(f"image is larger than {most.max_image_bytes} bytes")
+    # Our own checks run before decoding; Pillow's is a second line of defence.
+    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, most.max_pixels)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            check_pixels(image.width, image.height)
+            yield image
+    except ImageError:
+        raise
+    except Image.DecompressionBombError:
+        raise ImageError(f"image has more than {most.max_pixels} pixels") from None
+    except UnidentifiedImageError:
+        raise ImageError("image is not in a supported format") from None
+    except _DECODE_ERRORS:
+        raise ImageError("image data is truncated or corrupt") from None
+
+
+def check_pixels(width: int, height: int) -> None:
+    """Refuse an empty image, or one over `max_pixels`, from its header alone."""
+    if width <= 0 or height <= 0:
+        raise ImageError("image has zero size")
+    most = limits.current().max_pixels
+    if width * height > most:
+        raise ImageError(f"image has more than {most} pixels")
+
+
+def _count_pages(image: Image.Image, most: int) -> int:
+    """Pages in the file, counted up to `most` + 1 from headers only, back on the first.
+
+    MPO (a phone's JPEG) counts as one: its further frames are previews or depth maps.
+    """
+    if not getattr(image, "is_animated", False) or image.format == "MPO":
+        return 1
+    if image.format != "TIFF":
+        return min(int(getattr(image, "n_frames", 1)), most + 1)
+    count = 1
+    try:
+        while count <= most:
+            image.seek(count)  # reads the next page's tags (IFD), not its pixels
+            count += 1
+    except EOFError:
+        pass
+    image.seek(0)
+    return count
+
+
+# ------------------------------------------------------------------------ decoding
 
 
 def _decode_bytes(data: bytes, label: str) -> PreparedImage:
@@ -203,22 +374,204 @@ def _decode_bytes(data: bytes, label: str) -> PreparedImage:
 
     if dicom.looks_like_dicom(data):
         return dicom.load_first_frame(data, label=label)
+    with open_picture(data) as image:
+        pages = _count_pages(image, limits.current().max_frames)
+        return _picture(image, label, pages=pages, notes=_first_page_notes(pages))
+
+
+def _first_page_notes(pages: int) -> list[str]:
+    """The warning a first page carries when the file holds more."""
+    if pages <= 1:
+        return []
+    most = limits.current().max_frames
+    count = f"more than {most}" if pages > most else str(pages)
+    return [f"image has {count} pages; only the first was used, the others were ignored"]
+
+
+def _pages(image: Image.Image, label: str, max_pages: int | None) -> list[PreparedImage]:
     most = limits.current()
-    if len(data) > most.max_image_bytes:
-        raise ImageError(f"image is larger than {most.max_image_bytes} bytes")
-    # Our own check below runs before decoding; Pillow's is a second line of defence.
-    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, most.max_pixels)
+    start = image.tell()
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > most.max_pixels:
-                raise ImageError(f"image has more than {most.max_pixels} pixels")
-            image.load()
-            return _from_pil(image, label)
-    except ImageError:
-        raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
-        if isinstance(exc, Image.DecompressionBombError):
-            raise ImageError(f"image has more than {most.max_pixels} pixels") from None
-        raise ImageError("image is not in a supported format") from None
-    except (OSError, ValueError, SyntaxError):
-        raise ImageError("image data is truncated or corrupt") from None
+        count = _count_pages(image, most.max_frames)
+        if count > most.max_frames:
+            raise ImageError(f"image has more than {most.max_frames} pages")
+        take = count if max_pages is None else min(count, max_pages)
+        total = 0
+        for page in range(take):  # every page's header checked before any is decoded
+            image.seek(page)
+            check_pixels(image.width, image.height)
+            total += image.width * image.height
+            if total > most.max_pixels:
+                raise ImageError(f"image pages hold more than {most.max_pixels} pixels in all")
+        notes = [f"image has {count} pages; the first {take} were read"] if take < count else []
+        out = []
+        for page in range(take):
+            image.seek(page)
+            out.append(_picture(image, label, page=page, pages=count, notes=notes))
+        return out
+    finally:
+        image.seek(start)
+
+
+def _picture(
+    image: Image.Image,
+    label: str,
+    *,
+    page: int = 0,
+    pages: int = 1,
+    notes: list[str] | None = None,
+) -> PreparedImage:
+    """One decoded page: upright, RGB, then the processor's square resize."""
+    rgb, provenance = _upright_rgb(image, page=page, pages=pages, notes=notes)
+    side = model_facts.IMAGE_SIZE
+    if rgb.size != (side, side):
+        # Square resize without keeping the aspect ratio, bilinear: what the Gemma 3
+        # image processor does, so every runtime sees the same pixels.
+        rgb = rgb.resize((side, side), Image.Resampling.BILINEAR)
+    return PreparedImage(
+        np.asarray(rgb, dtype=np.uint8).copy(), source=label, provenance=provenance
+    )
+
+
+def _upright_rgb(
+    image: Image.Image,
+    *,
+    page: int = 0,
+    pages: int = 1,
+    notes: list[str] | None = None,
+) -> tuple[Image.Image, Provenance]:
+    check_pixels(image.width, image.height)
+    mode, fmt = image.mode, image.format
+    upright, orientation, orient_notes = _orient(image)
+    rgb, recipe, window, tone_notes = _to_rgb(upright)
+    provenance = Provenance(
+        kind="picture",
+        recipe=recipe,
+        window=window,
+        frame_index=page,
+        frames=pages,
+        warnings=(*(notes or ()), *orient_notes, *tone_notes),
+        source_format=fmt if fmt and fmt.isalnum() else None,
+        source_mode=mode,
+        orientation=orientation,
+    )
+    return rgb, provenance
+
+
+def _orient(image: Image.Image) -> tuple[Image.Image, int | None, list[str]]:
+    """Apply the EXIF orientation; a damaged EXIF block leaves the image as stored."""
+    damaged = "EXIF block is damaged; orientation not applied, image used as stored"
+    raw = image.info.get("exif")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if isinstance(raw, bytes):
+                # Parsed afresh: Pillow may have read it on open (JPEG) and kept quiet since.
+                exif = Image.Exif()
+                exif.load(raw)
+            else:
+                exif = image.getexif()  # TIFF tags: read with the page
+            value = exif.get(ExifTags.Base.Orientation)
+    except Exception:  # any malformed EXIF: the picture itself is still good
+        return image, None, [damaged]
+    damage = [w for w in caught if issubclass(w.category, UserWarning)]
+    notes = ["EXIF block is partly damaged"] if damage else []
+    if value is None or value == 1:
+        return image, None, notes
+    if value not in _ORIENTATIONS:
+        return image, None, [*notes, "EXIF orientation value is invalid; image used as stored"]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            upright = ImageOps.exif_transpose(image)
+    except Exception:
+        return image, None, [damaged]
+    return upright, value, [*notes, f"EXIF orientation {value} applied ({_ORIENTATIONS[value]})"]
+
+
+def _to_rgb(image: Image.Image) -> tuple[Image.Image, str, Any, list[str]]:
+    """RGB as the Gemma 3 processor's `convert("RGB")`, but high bit depths scaled."""
+    mode = image.mode
+    if mode in _HIGH_DEPTH:
+        # Pillow clips 16-bit and float pixels to 255 on convert("RGB"): scale them instead.
+        gray, lo, hi, notes = _min_max(np.asarray(image), f"{_HIGH_DEPTH[mode]} image")
+        return (
+            Image.fromarray(np.stack([gray] * 3, axis=-1), mode="RGB"),
+            "min_max",
+            (lo, hi),
+            notes,
+        )
+    notes = []
+    if "A" in mode or "a" in mode:
+        alpha = image.getchannel("A" if "A" in mode else "a")
+        if alpha.getextrema()[0] < 255:  # type: ignore[operator]
+            notes.append("alpha channel dropped (as the Gemma 3 processor's RGB conversion)")
+    elif "transparency" in image.info:
+        notes.append("transparency dropped (as the Gemma 3 processor's RGB conversion)")
+    if mode == "CMYK":
+        notes.append("CMYK converted to RGB without colour management")
+    if mode == "RGB":
+        return image, "square_resize", None, notes
+    try:
+        rgb = image.convert("RGB")
+    except ValueError:
+        try:  # a premultiplied mode ("La", "RGBa") has no direct conversion
+            rgb = image.convert("RGBA").convert("RGB")
+        except ValueError:
+            raise ImageError(f"image colour mode {mode[:8]} is not supported") from None
+    return rgb, "square_resize", None, notes
+
+
+def _min_max(values: np.ndarray, what: str) -> tuple[np.ndarray, float, float, list[str]]:
+    """One min-max over the values (finite ones) to 0..255 uint8, with the note saying so."""
+    values = values.astype(np.float64)
+    finite = np.isfinite(values)
+    if not finite.any():
+        raise ImageError("image holds no finite values")
+    lo, hi = float(values[finite].min()), float(values[finite].max())
+    if not finite.all():
+        values = np.where(finite, values, lo)
+    scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    scaled = ((values - lo) * scale).round().astype(np.uint8)
+    if hi > lo:
+        note = f"{what} scaled from its full range {lo:g}..{hi:g} to 0..255"
+    else:
+        note = f"{what} holds the single value {lo:g}; shown black"
+    return scaled, lo, hi, [note]
+
+
+def _array_rgb(source: np.ndarray) -> tuple[np.ndarray, str, Any, list[str]]:
+    """HxW, HxWx3 or HxWx4 numbers to HxWx3 uint8 (not resized); alpha dropped."""
+    array = source
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4) or array.size == 0:
+        raise ImageError("array image must be HxW, HxWx3 or HxWx4")
+    if array.dtype.kind not in "biuf":
+        raise ImageError(f"array image must hold numbers, not {array.dtype.kind} values")
+    notes = []
+    if array.shape[-1] == 4:
+        alpha = array[..., 3]
+        if alpha.min() < (255 if array.dtype == np.uint8 else alpha.max()):
+            notes.append("alpha channel dropped (as the Gemma 3 processor's RGB conversion)")
+        array = array[..., :3]
+    recipe, window = "square_resize", None
+    if array.dtype != np.uint8:
+        array, lo, hi, scaled = _min_max(array, f"{array.dtype} array")
+        recipe, window = "min_max", (lo, hi)
+        notes += scaled
+    if array.shape[-1] == 1:
+        array = np.concatenate([array] * 3, axis=-1)
+    return np.ascontiguousarray(array), recipe, window, notes
+
+
+def _from_array(source: np.ndarray, label: str) -> PreparedImage:
+    rgb, recipe, window, notes = _array_rgb(source)
+    provenance = Provenance(kind="array", recipe=recipe, window=window, warnings=tuple(notes))
+    return PreparedImage(square_rgb(rgb), source=label, provenance=provenance)
+
+
+def _with_warning(image: PreparedImage, note: str) -> PreparedImage:
+    provenance = image.provenance or Provenance(kind="picture", recipe="square_resize")
+    provenance = replace(provenance, warnings=(*provenance.warnings, note))
+    return PreparedImage(image.pixels, source=image.source, provenance=provenance)

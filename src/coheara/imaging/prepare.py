@@ -12,7 +12,7 @@ from PIL import Image
 
 from coheara.errors import ImageError
 from coheara.imaging import limits
-from coheara.imaging.image import PreparedImage, load_image
+from coheara.imaging.image import PreparedImage, load_image, load_pages
 from coheara.imaging.limits import ImageLimits
 
 _RECIPE_FOR_MODALITY = {"CT": "ct_windows", "MR": "min_max"}
@@ -29,13 +29,16 @@ class Prepared:
     warnings: tuple[str, ...] = ()
     volume: Any = None
     """The `Volume` when kind is "volume" (slice order, sampling, value range)."""
+    tileset: Any = None
+    """The `TileSet` when kind is "tiles" (grid, boxes, background skipped)."""
     details: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """Non-identifying: the kind, each image's provenance, the volume's order and sampling."""
         out: dict[str, Any] = {"kind": self.kind, "images": len(self.images)}
-        if self.volume is not None:
-            out.update(self.volume.summary())
+        for group in (self.volume, self.tileset):
+            if group is not None:
+                out.update(group.summary())
         out["warnings"] = list(self.warnings)
         out["provenance"] = [
             image.provenance.to_dict() if image.provenance else None for image in self.images
@@ -48,6 +51,10 @@ class Prepared:
             return [f"SLICE {n}" for n in range(1, len(self.images) + 1)]
         if self.kind == "pair":
             return ["PRIOR", "CURRENT"]
+        if self.kind == "tiles":
+            from coheara.imaging.tiles import tile_parts
+
+            return [p for p in tile_parts("", self.images, "")[2::2] if isinstance(p, str)]
         return [f"image {n}" for n in range(1, len(self.images) + 1)]
 
     def messages(self, question: str, *, instruction: str | None = None) -> list[Any]:
@@ -59,6 +66,10 @@ class Prepared:
         if self.kind == "volume":
             instruction = instruction or default_instruction(self.volume)
             return volume_messages(question, self.images, instruction=instruction)
+        if self.kind == "tiles":
+            from coheara.imaging.tiles import tile_messages
+
+            return tile_messages(question, self.images, instruction=instruction)
         if self.kind == "pair":
             prior, current = self.images
             parts: list[str | PreparedImage] = [instruction or PAIR_INSTRUCTION]
@@ -143,6 +154,9 @@ def prepare(
     preset: str | None = None,
     window: tuple[float, float] | None = None,
     max_slices: int = 85,
+    tiles: bool = False,
+    region: tuple[int, int, int, int] | None = None,
+    max_tiles: int = 126,
     image_limits: ImageLimits | None = None,
 ) -> Prepared:
     """A file path, bytes, an array or PIL image, a folder, or a list of paths into images.
@@ -156,10 +170,16 @@ def prepare(
 
     modality: "CT" or "MR" forces that recipe on DICOM; preset (a CT preset name) or
     window ((center, width)) replaces the recipe; neither applies to pictures.
+    tiles: a large picture (a pathology slide export) cut into non-overlapping 896x896
+    tissue patches in spatial order, at most `max_tiles`, background skipped; `region`
+    (x, y, width, height) tiles part of it (`coheara.imaging.tiles.tile_image`).
     image_limits: the site's limits (`Settings.image_limits()`), else those in force.
     """
     with limits.applied(image_limits):
-        prepared = _prepare(source, modality, preset, window, max_slices)
+        if tiles or region is not None:
+            prepared = _tiles(source, region, max_tiles, modality, preset, window)
+        else:
+            prepared = _prepare(source, modality, preset, window, max_slices)
         limits.check_image_count(len(prepared.images))
         return prepared
 
@@ -218,7 +238,31 @@ def _prepare(
                     notes.append(note)
         return Prepared(tuple(frames), kind="dicom", warnings=tuple(notes))
     _no_dicom_options(modality, preset, window)
-    return Prepared((load_image(_picture(source)),), kind="image")
+    pages = tuple(load_pages(_picture(source)))  # a multi-page TIFF gives every page
+    return Prepared(pages, kind="image" if len(pages) == 1 else "images")
+
+
+def _tiles(
+    source: Any,
+    region: tuple[int, int, int, int] | None,
+    max_tiles: int,
+    modality: str | None,
+    preset: str | None,
+    window: tuple[float, float] | None,
+) -> Prepared:
+    from coheara.imaging.tiles import tile_image
+
+    _no_dicom_options(modality, preset, window)
+    if _is_dicom_ref(source) or not isinstance(
+        source, str | Path | bytes | bytearray | memoryview | np.ndarray | Image.Image
+    ):
+        raise ImageError("tiling takes one large picture (a slide exported to TIFF or PNG)")
+    tileset = tile_image(
+        bytes(source) if isinstance(source, bytearray | memoryview) else source,
+        region=region,
+        max_tiles=max_tiles,
+    )
+    return Prepared(tileset.tiles, kind="tiles", warnings=tileset.warnings, tileset=tileset)
 
 
 def _picture(item: Any) -> Any:

@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from coheara import __version__
 from coheara.engine import Engine
 from coheara.errors import CohearaError
-from coheara.server import native, ollama_api, openai_api
+from coheara.server import native, ollama_api, openai_api, tasks_api
 from coheara.server.common import ServerState
 from coheara.server.errors import (
     ClientGone,
@@ -110,6 +110,7 @@ def create_app(
     app.include_router(native.router)
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)
+    app.include_router(tasks_api.router)
     app.add_api_route(
         "/healthz",
         _healthz,

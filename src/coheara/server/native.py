@@ -10,8 +10,6 @@ restarts on a repair retry or is rebuilt one field at a time), then one
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
@@ -22,6 +20,7 @@ from coheara import model_facts
 from coheara.engine import ExtractionResult, GenerationResult, InputMessage
 from coheara.errors import ImageError, InvalidRequestError
 from coheara.imaging import limits
+from coheara.imaging.image import base64_bytes
 from coheara.imaging.prepare import prepare, prepare_pair
 from coheara.server.common import (
     NDJSON,
@@ -199,30 +198,18 @@ def _study_messages(study: Study, question: str, state: ServerState) -> list[Inp
     image_limits = state.settings.image_limits()
     with limits.applied(image_limits):
         limits.check_image_count(len(study.files) if study.prior is None else 2)
-        files = [_bytes(data, f"study file {i + 1}") for i, data in enumerate(study.files)]
+        files = [base64_bytes(data, f"study file {i + 1}") for i, data in enumerate(study.files)]
         options: dict[str, Any] = {"preset": study.preset, "window": study.window}
         if study.prior is not None:
             if len(files) != 1 or study.modality is not None:
                 raise ImageError("a pair takes one current file and one prior, without modality")
-            prepared = prepare_pair(files[0], _bytes(study.prior, "prior"), **options)
+            prepared = prepare_pair(files[0], base64_bytes(study.prior, "prior"), **options)
         else:
             source = files if len(files) > 1 else files[0]
             prepared = prepare(
                 source, modality=study.modality, max_slices=study.max_slices, **options
             )
     return prepared.messages(question, instruction=study.instruction)
-
-
-def _bytes(data: str, label: str) -> bytes:
-    text = data.strip()
-    if text.startswith("data:"):
-        head, _, text = text.partition(",")
-        if ";base64" not in head:
-            raise ImageError(f"{label}: a data URI must be base64-encoded")
-    try:
-        return base64.b64decode("".join(text.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise ImageError(f"{label} is not valid base64") from None
 
 
 async def _answer(request: Request, state: ServerState, call: EngineCall, stream: bool) -> Any:

@@ -38,5 +38,5 @@ def get_task(task_id: str) -> TaskSpec:
         if spec.slug.upper() == wanted:
             return spec
     raise TaskNotFoundError(
-        f"unknown task '{task_id[:32]}'", hint="one of " + ", ".join(tasks) or "none installed"
+        f"unknown task '{task_id[:32]}'", hint="one of " + (", ".join(tasks) or "none installed")
     )

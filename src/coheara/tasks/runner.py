@@ -221,6 +221,7 @@ def _images(
     spec: TaskSpec, request: TaskRequest, images: Sequence[Any] | Prepared, engine: Engine
 ) -> Prepared | None:
     from coheara.imaging import limits
+    from coheara.imaging.image import base64_bytes
     from coheara.imaging.prepare import Prepared
 
     if isinstance(images, Prepared):
@@ -230,7 +231,7 @@ def _images(
         if request.images:
             with limits.applied(engine.settings.image_limits()):
                 limits.check_image_count(len(items) + len(request.images))
-            items += [_decode(data, i + 1) for i, data in enumerate(request.images)]
+            items += [base64_bytes(data, f"image {i + 1}") for i, data in enumerate(request.images)]
         prepare_images = spec.prepare_images or _prepare_default
         given = prepare_images(items, engine.settings.image_limits()) if items else None
     if spec.mode == "image" and given is None:
@@ -244,21 +245,6 @@ def _prepare_default(items: list[Any], image_limits: ImageLimits) -> Prepared:
     from coheara.imaging.prepare import prepare
 
     return prepare(items if len(items) > 1 else items[0], image_limits=image_limits)
-
-
-def _decode(data: str, number: int) -> bytes:
-    import base64
-    import binascii
-
-    from coheara.errors import ImageError
-
-    text = data.strip()
-    if text.startswith("data:"):
-        text = text.partition(",")[2]
-    try:
-        return base64.b64decode("".join(text.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise ImageError(f"image {number} is not valid base64") from None
 
 
 def _messages(prepared: Prepared | None, text: str) -> list[InputMessage]:
