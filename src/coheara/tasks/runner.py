@@ -224,21 +224,25 @@ def _images(
     from coheara.imaging.image import base64_bytes
     from coheara.imaging.prepare import Prepared
 
-    if isinstance(images, Prepared):
-        given: Prepared | None = images
-    else:
-        items: list[Any] = list(images)
-        if request.images:
-            with limits.applied(engine.settings.image_limits()):
-                limits.check_image_count(len(items) + len(request.images))
-            items += [base64_bytes(data, f"image {i + 1}") for i, data in enumerate(request.images)]
-        prepare_images = spec.prepare_images or _prepare_default
-        given = prepare_images(items, engine.settings.image_limits()) if items else None
-    if spec.mode == "image" and given is None:
+    given = bool(request.images) or (
+        len(images.images) > 0 if isinstance(images, Prepared) else len(images) > 0
+    )
+    if spec.mode == "image" and not given:
         raise InvalidRequestError(f"{spec.id} reads images: give at least one")
-    if spec.mode != "image" and given is not None:
-        raise InvalidRequestError(f"{spec.id} takes no images")
-    return given
+    if spec.mode != "image":
+        if given:
+            raise InvalidRequestError(f"{spec.id} takes no images")
+        return None
+    if isinstance(images, Prepared):
+        if request.images:
+            raise InvalidRequestError("give prepared images or base64 images, not both")
+        return images
+    items: list[Any] = list(images)
+    with limits.applied(engine.settings.image_limits()):
+        limits.check_image_count(len(items) + len(request.images))
+    items += [base64_bytes(data, f"image {i + 1}") for i, data in enumerate(request.images)]
+    prepare_images = spec.prepare_images or _prepare_default
+    return prepare_images(items, engine.settings.image_limits())
 
 
 def _prepare_default(items: list[Any], image_limits: ImageLimits) -> Prepared:
