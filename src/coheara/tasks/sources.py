@@ -69,8 +69,8 @@ class Sources:
 
     @classmethod
     def from_input(cls, data: BaseModel | dict[str, Any], *, skip: tuple[str, ...] = ()) -> Sources:
-        """Number every non-empty value of the input; `skip` names top-level fields that
-        carry no clinical content (an output template, a target grade)."""
+        """Number every non-empty value of the input; `skip` names fields (top-level names
+        or dotted paths) that carry no clinical content (an output template, a grade)."""
         if isinstance(data, BaseModel):
             data = data.model_dump(mode="json", exclude_none=True)
         items: list[SourceItem] = []
@@ -114,9 +114,10 @@ class Sources:
 def _walk(value: Any, path: str, skip: tuple[str, ...]) -> Iterator[tuple[str, str]]:
     if isinstance(value, dict):
         for key, inner in value.items():
-            if not path and key in skip:
+            where = f"{path}.{key}" if path else str(key)
+            if where in skip:
                 continue
-            yield from _walk(inner, f"{path}.{key}" if path else str(key), skip)
+            yield from _walk(inner, where, skip)
     elif isinstance(value, list):
         for index, inner in enumerate(value):
             yield from _walk(inner, f"{path}[{index}]", skip)

@@ -94,7 +94,12 @@ class Review:
 
     def verified(self, element_prefix: str) -> bool:
         """Whether every cited element under `element_prefix` has a verified quote."""
-        links = [link for link in self.links if link.element.startswith(element_prefix)]
+        links = [
+            link
+            for link in self.links
+            if link.element == element_prefix
+            or link.element.startswith((element_prefix + ".", element_prefix + "["))
+        ]
         return bool(links) and all(
             link.status in ("verified", "verified_elsewhere") for link in links
         )
@@ -129,7 +134,8 @@ class TaskSpec:
     latency_target_ms: int | None = POINT_OF_CARE_MS
     """None: best effort (long EHR context)."""
     sources_skip: tuple[str, ...] = ()
-    """Top-level input fields that are settings, not clinical content (not numbered)."""
+    """Input fields that are settings, not clinical content (not numbered): top-level names
+    or dotted paths (`requested_service.urgency`)."""
     number_exempt: tuple[str, ...] = ("sources", "quote", "code", "rank", "confidence")
     """Draft keys whose numbers are not checked against the input (ids, codes, ranks)."""
     to_fhir: Callable[[BaseModel, TaskRequest], dict[str, Any]] | None = None
