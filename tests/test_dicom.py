@@ -449,3 +449,79 @@ def test_preamble_less_files_are_read() -> None:
     assert dcm.looks_like_dicom(bare)
     assert np.array_equal(load_image(bare).pixels, load_dicom(bundled("MR_small.dcm"))[0].pixels)
     assert not dcm.looks_like_dicom(b"\x89PNG\r\n\x1a\n" + bytes(200))
+
+
+# ------------------------------------------------------------------ decode once, enhanced files
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("CT_small.dcm", {}),
+        ("CT_small.dcm", {"preset": "lung"}),
+        ("MR_small.dcm", {"value_range": (0.0, 5000.0)}),
+        ("MR_small.dcm", {"recipe": "file_window"}),
+        ("SC_rgb_rle.dcm", {}),
+        ("examples_palette.dcm", {}),
+        ("SC_rgb_rle_2frame.dcm", {}),
+    ],
+)
+def test_decode_frame_then_prepare_frame_is_load_dicom(name: str, options: dict) -> None:
+    """The path a volume takes (decode, keep, then the recipe) gives load_dicom's pixels."""
+    ds = dcm.read_dataset(bundled(name))
+    expected = load_dicom(ds, **options)
+    for index, reference in enumerate(expected):
+        stored, photometric = dcm.decode_frame(ds, index)
+        image = dcm.prepare_frame(ds, stored, photometric=photometric, frame_index=index, **options)
+        assert np.array_equal(image.pixels, reference.pixels)
+        assert image.provenance == reference.provenance
+
+
+def test_enhanced_frames_use_their_own_rescale_and_window() -> None:
+    """pydicom's apply_modality_lut reads only the top level; each frame's groups count."""
+    base = np.full((2, 8, 8), 1064, np.uint16)
+    meta_groups = [
+        {"PixelValueTransformationSequence": {"RescaleSlope": 1, "RescaleIntercept": -1024}},
+        {"PixelValueTransformationSequence": {"RescaleSlope": 1, "RescaleIntercept": -1104}},
+    ]
+    data = _multiframe_enhanced(base, meta_groups)
+    ds = dcm.read_dataset(data)
+    from pydicom.pixels import apply_modality_lut
+
+    assert apply_modality_lut(base[0], ds)[0, 0] == 1064  # pydicom 3 leaves it unscaled
+    assert dcm.modality_values(base[0], ds, 0)[0, 0] == 40
+    assert dcm.modality_values(base[1], ds, 1)[0, 0] == -40
+    first, second = load_dicom(data)
+    assert center(first).tolist() == [132, 128, 128]  # HU 40 in the three windows
+    assert center(second).tolist() == [123, 69, 0]  # HU -40: 984/2048*255 = 122.5 -> 123
+    assert not first.provenance.warnings  # type: ignore[union-attr]
+    # A per-frame window (FrameVOILUTSequence) is the file's window for that frame.
+    windows = [
+        {"FrameVOILUTSequence": {"WindowCenter": 1064, "WindowWidth": 400}},
+        {"FrameVOILUTSequence": {"WindowCenter": 1264, "WindowWidth": 400}},
+    ]
+    framed = load_dicom(_multiframe_enhanced(base, windows, modality="OT"))
+    assert [int(center(f)[0]) for f in framed] == [128, 0]
+
+
+def _multiframe_enhanced(
+    frames: np.ndarray, groups: list[dict[str, dict[str, object]]], modality: str = "CT"
+) -> bytes:
+    per_frame = []
+    for attrs in groups:
+        group = Dataset()
+        for macro, values in attrs.items():
+            inner = Dataset()
+            for key, value in values.items():
+                setattr(inner, key, value)
+            setattr(group, macro, [inner])
+        per_frame.append(group)
+    return synthetic(
+        frames.reshape(-1, frames.shape[-1]),
+        modality=modality,
+        sop_class="1.2.840.10008.5.1.4.1.1.2.1",
+        Rows=frames.shape[1],
+        NumberOfFrames=frames.shape[0],
+        PerFrameFunctionalGroupsSequence=per_frame,
+        SharedFunctionalGroupsSequence=[Dataset()],
+    )

@@ -93,6 +93,22 @@ def test_long_texts_are_split_into_sentences_each_citable() -> None:
     assert sources.contains("S3", "  WALKED   3 metres ") and not sources.contains("S4", "3 metres")
 
 
+def test_each_line_is_an_item_and_a_full_stop_before_a_digit_splits_nothing() -> None:
+    report = "Sodium 139 mmol/L (ref. 135-145)\nPotassium 5.9 mmol/L (ref. 3.5-5.1) H"
+    sources = Sources.from_input({"report": report})
+    assert [i.text for i in sources.items] == [
+        "Sodium 139 mmol/L (ref. 135-145)",
+        "Potassium 5.9 mmol/L (ref. 3.5-5.1) H",
+    ]
+    long = report + "\nComment: Hemolysed sample. Repeat potassium advised. " + "x" * 60
+    assert [i.path for i in Sources.from_input({"report": long}).items] == [
+        "report#1",
+        "report#2",
+        "report#3",
+        "report#4",
+    ]
+
+
 def test_numbers_are_compared_in_one_canonical_form() -> None:
     assert numbers_in("Hb 7.50 g/dL, WBC 1,200, K+ 4.") == {"7.5", "1200", "4"}
     assert normalize("It\u2019s  THE\nsame") == "it's the same"

@@ -29,7 +29,7 @@ from coheara.backends.base import ChatRequest  # noqa: E402
 from coheara.engine.budget import TokenEstimator, check_fits  # noqa: E402
 from coheara.engine.chat_format import to_gemma_turns  # noqa: E402
 from coheara.errors import ContextOverflowError, ImageError  # noqa: E402
-from coheara.imaging import PreparedImage, load_dicom, prepare  # noqa: E402
+from coheara.imaging import PreparedImage, limits, load_dicom, prepare  # noqa: E402
 from coheara.imaging import dicom as dcm  # noqa: E402
 from coheara.imaging import volume as vol  # noqa: E402
 from coheara.imaging.volume import load_volume, volume_messages, volume_parts  # noqa: E402
@@ -457,3 +457,463 @@ def test_cli_ask_accepts_a_folder_and_counts_every_slice(
     assert (
         3 * model_facts.IMAGE_PROMPT_TOKENS - 8 <= grown <= 3 * model_facts.IMAGE_PROMPT_TOKENS + 8
     )
+
+
+# ----- one multi-frame file as a volume -------------------------------------------------------
+
+ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
+ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
+CT_WINDOWS = ((-1024.0, 1024.0), (-135.0, 215.0), (0.0, 80.0))
+
+
+def ct_rgb(hu: float) -> list[int]:
+    """The (R, G, B) bytes of a uniform slice of `hu` under Google's three CT windows."""
+    return [int(np.round((np.clip(hu, lo, hi) - lo) * 255.0 / (hi - lo))) for lo, hi in CT_WINDOWS]
+
+
+def rgb_at_center(image: PreparedImage) -> list[int]:
+    return [int(v) for v in image.pixels[448, 448]]
+
+
+def item(**attrs: object) -> Dataset:
+    ds = Dataset()
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    return ds
+
+
+def multiframe(
+    frames: Sequence[np.ndarray],
+    *,
+    modality: str = "CT",
+    positions: Sequence[Sequence[float]] | None = None,
+    orientation: Sequence[float] = AXIAL,
+    orientation_per_frame: bool = False,
+    rescales: Sequence[tuple[float, float]] | None = None,
+    shared_rescale: tuple[float, float] | None = (1.0, -1024.0),
+    enhanced: bool = True,
+    increment: tuple[str, Sequence[float]] | None = None,
+    series_uid: str | None = None,
+) -> bytes:
+    """One multi-frame file, frames stored in the order given (tests shuffle them).
+
+    Enhanced: positions per frame in PerFrameFunctionalGroupsSequence, orientation shared
+    (or per frame), rescale per frame or shared as (slope, intercept) (a CT's default: the
+    shared -1024 of `ct_pixels`, unless `rescales` are given). Legacy: top-level
+    rescale, and `increment` = (keyword, values) named by FrameIncrementPointer.
+    """
+    meta = FileMetaDataset()
+    if enhanced:
+        sop = ENHANCED_CT if modality == "CT" else ENHANCED_MR
+    else:
+        sop = CT_IMAGE if modality == "CT" else MR_IMAGE
+    meta.MediaStorageSOPClassUID = UID(sop)
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.PatientName = CANARY
+    ds.PatientID = "CANARY-ID-123"
+    ds.Modality = modality
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.SeriesNumber = 5
+    ds.InstanceNumber = 1
+    ds.NumberOfFrames = len(frames)
+    ds.Rows, ds.Columns = frames[0].shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    iop = [f"{v:.6f}" for v in orientation]
+    if enhanced:
+        shared = Dataset()
+        if not orientation_per_frame:
+            shared.PlaneOrientationSequence = [item(ImageOrientationPatient=iop)]
+        if shared_rescale is not None and modality == "CT" and rescales is None:
+            slope, intercept = shared_rescale
+            shared.PixelValueTransformationSequence = [
+                item(RescaleSlope=slope, RescaleIntercept=intercept, RescaleType="HU")
+            ]
+        ds.SharedFunctionalGroupsSequence = [shared]
+        per_frame = []
+        for k in range(len(frames)):
+            group = Dataset()
+            if positions is not None:
+                ipp = [f"{v:.4f}" for v in positions[k]]
+                group.PlanePositionSequence = [item(ImagePositionPatient=ipp)]
+            if orientation_per_frame:
+                group.PlaneOrientationSequence = [item(ImageOrientationPatient=iop)]
+            if rescales is not None:
+                slope, intercept = rescales[k]
+                group.PixelValueTransformationSequence = [
+                    item(RescaleSlope=slope, RescaleIntercept=intercept, RescaleType="HU")
+                ]
+            per_frame.append(group)
+        ds.PerFrameFunctionalGroupsSequence = per_frame
+    else:
+        if modality == "CT":
+            ds.RescaleIntercept = -1024
+            ds.RescaleSlope = 1
+        ds.ImagePositionPatient = ["0", "0", "0"]
+        ds.ImageOrientationPatient = iop
+        if increment is not None:
+            keyword, values = increment
+            ds.FrameIncrementPointer = pydicom.datadict.tag_for_keyword(keyword)
+            setattr(ds, keyword, [f"{v:.4f}" for v in values])
+    stack = np.stack([np.asarray(f, dtype=np.uint16) for f in frames])
+    ds.PixelData = np.ascontiguousarray(stack).tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def shuffled(count: int, seed: int = 11) -> list[int]:
+    """stored[j] = the anatomical index of frame j: never the identity."""
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    assert order != sorted(order)
+    return order
+
+
+HUS = [-1000, -500, -100, 0, 20, 40, 60, 100, 300, 1000]
+"""Anatomical index k has this uniform HU: every CT window channel tells them apart."""
+
+
+def test_ct_rgb_helper_matches_the_notebook_formula() -> None:
+    assert ct_rgb(40) == [
+        round((40 + 1024) * 255 / 2048),
+        round((40 + 135) * 255 / 350),
+        round(40 * 255 / 80),
+    ]
+    assert ct_rgb(40) == [132, 128, 128] and ct_rgb(-2000) == [0, 0, 0]
+
+
+@pytest.mark.parametrize("where", ["per_frame", "shared"])
+def test_enhanced_ct_frames_follow_positions_with_each_frames_hounsfield_units(
+    where: str, tmp_path: Path
+) -> None:
+    stored = shuffled(len(HUS))
+    # Frame j holds anatomical slice stored[j]: its HU through that frame's own rescale.
+    if where == "per_frame":
+        rescales = [(1.0, -1024.0) if j % 2 else (2.0, -2048.0) for j in range(len(HUS))]
+    else:
+        rescales = [(2.0, -2048.0)] * len(HUS)
+    frames = [
+        np.full((8, 8), (HUS[k] - rescales[j][1]) / rescales[j][0], np.uint16)
+        for j, k in enumerate(stored)
+    ]
+    data = multiframe(
+        frames,
+        positions=[(0.0, 0.0, 2.5 * k) for k in stored],
+        orientation_per_frame=where == "per_frame",
+        rescales=rescales if where == "per_frame" else None,
+        shared_rescale=rescales[0],
+    )
+    path = tmp_path / "enhanced.dcm"
+    path.write_bytes(data)
+    for source in (path, str(path), data, [path], tmp_path):
+        volume = load_volume(source)  # type: ignore[arg-type]
+        assert volume.ordered_by == "position" and volume.modality == "CT"
+        assert [rgb_at_center(s) for s in volume.slices] == [ct_rgb(hu) for hu in HUS]
+        assert volume.positions == tuple(2.5 * k for k in range(len(HUS)))
+        assert volume.recipe == "ct_windows" and volume.warnings == ()
+    first = volume.slices[0].provenance
+    assert isinstance(first, vol.SliceProvenance)
+    assert first.frame_index == stored.index(0) and first.frames == len(HUS)
+    assert (first.slice_number, first.order_index, first.instance_number) == (1, 0, None)
+    # The same summary as for a series, and no patient data in it.
+    paths = write_series(tmp_path / "series", 3)
+    assert volume.summary().keys() == load_volume(paths[0].parent).summary().keys()
+    assert_no_canary(json.dumps(volume.summary()), [s.provenance for s in volume.slices])
+    # load_dicom on the same file now reads each frame's rescale too (file order).
+    frames_alone = load_dicom(data)
+    assert [rgb_at_center(f) for f in frames_alone] == [ct_rgb(HUS[k]) for k in stored]
+
+
+def test_is_multiframe_volume_for_datasets_paths_and_bytes(tmp_path: Path) -> None:
+    ct = multiframe([ct_pixels(k) for k in range(3)], positions=[(0, 0, k) for k in range(3)])
+    mr = multiframe([np.zeros((8, 8))] * 2, modality="MR", enhanced=False)
+    one = multiframe([ct_pixels(0)], positions=[(0, 0, 0)])
+    path = tmp_path / "ct.dcm"
+    path.write_bytes(ct)
+    assert vol.is_multiframe_volume(ct) and vol.is_multiframe_volume(mr)
+    assert vol.is_multiframe_volume(path) and vol.is_multiframe_volume(str(path))
+    assert vol.is_multiframe_volume(dcm.read_dataset(ct))
+    assert not vol.is_multiframe_volume(one)  # one frame
+    single = write_series(tmp_path / "s", 1)[0]
+    assert not vol.is_multiframe_volume(single)  # single-frame CT
+    assert not vol.is_multiframe_volume(tmp_path)  # a folder
+    assert not vol.is_multiframe_volume(b"not dicom")
+    assert not vol.is_multiframe_volume(ct[:300])  # truncated header: not routed, never raises
+    rgb = get_rgb_multiframe()
+    assert not vol.is_multiframe_volume(rgb)  # an RGB secondary capture (OT)
+
+
+def get_rgb_multiframe() -> bytes:
+    from pydicom.data import get_testdata_file
+
+    name = get_testdata_file("SC_rgb_rle_2frame.dcm", download=False)
+    if name is None:
+        pytest.skip("SC_rgb_rle_2frame.dcm is not bundled with this pydicom")
+    return Path(str(name)).read_bytes()
+
+
+def counting_decode(monkeypatch: pytest.MonkeyPatch) -> list[int | None]:
+    """Record the frame index of every decode call (None: the file's only frame)."""
+    calls: list[int | None] = []
+    original = dcm._decode
+
+    def counted(ds: Dataset, index: int | None) -> tuple[np.ndarray, str]:
+        calls.append(index)
+        return original(ds, index)
+
+    monkeypatch.setattr(dcm, "_decode", counted)
+    return calls
+
+
+def test_multiframe_is_sampled_keeping_first_and_last_and_only_sampled_frames_decode(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    count = 40
+    stored = shuffled(count, seed=4)
+    frames = [ct_pixels(k) for k in stored]
+    data = multiframe(frames, positions=[(0.0, 0.0, -3.0 * k) for k in stored])
+    calls = counting_decode(monkeypatch)
+    volume = load_volume(data, max_slices=7)
+    assert volume.sampled == tuple(vol.sample_evenly(count, 7)) == (0, 6, 13, 20, 26, 32, 39)
+    # Positions decrease with k, so the anatomical order (ascending along the normal) is
+    # k = 39 ... 0: slice n is k = 39 - sampled[n].
+    assert reds(volume.slices) == [red_of(count - 1 - i) for i in volume.sampled]
+    assert volume.positions[0] == -117.0 and volume.positions[-1] == 0.0
+    expected_frames = sorted(stored.index(count - 1 - i) for i in volume.sampled)
+    assert sorted(c for c in calls if c is not None) == expected_frames and len(calls) == 7
+    assert [s.provenance.frame_index for s in volume.slices] == [
+        stored.index(count - 1 - i) for i in volume.sampled
+    ]
+    assert any(f"{count} slices sampled evenly to 7" in w for w in volume.warnings)
+
+
+def test_multiframe_mr_is_one_min_max_over_the_volume_and_decoded_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ramp = np.linspace(0, 50, 64).reshape(8, 8)
+    stored = [2, 0, 1]
+    frames = [np.round(ramp + 100 * k).astype(np.uint16) for k in stored]
+    data = multiframe(frames, modality="MR", positions=[(0.0, 0.0, 4.0 * k) for k in stored])
+    calls = counting_decode(monkeypatch)
+    volume = load_volume(data)
+    assert len(calls) == 3  # each frame once: the range and the recipe share the decode
+    assert volume.recipe == "min_max" and volume.value_range == (0.0, 250.0)
+    dark, middle, bright = (s.pixels for s in volume.slices)
+    assert dark.max() <= round(50 * 255 / 250) and bright.min() >= round(200 * 255 / 250)
+    assert dark.max() < middle.min() and middle.max() < bright.min()
+    assert np.array_equal(dark[..., 0], dark[..., 1])
+    # load_dicom min-maxes each frame alone: the dark frame would be stretched to 255.
+    alone = load_dicom(data)[stored.index(0)].pixels
+    assert alone.max() == 255
+
+
+def test_multiframe_without_positions_is_in_frame_order_with_a_warning() -> None:
+    data = multiframe([ct_pixels(k) for k in (4, 1, 3)], enhanced=False)
+    volume = load_volume(data)
+    assert volume.ordered_by == "frame" and volume.positions == (None, None, None)
+    assert reds(volume.slices) == [red_of(4), red_of(1), red_of(3)]
+    assert any("ordered by frame number" in w for w in volume.warnings)
+
+
+@pytest.mark.parametrize("keyword", ["GridFrameOffsetVector", "SliceLocation"])
+def test_legacy_multiframe_follows_a_spatial_frame_increment(keyword: str) -> None:
+    stored = shuffled(6, seed=2)
+    offsets = [5.0 * k for k in stored]
+    if keyword == "GridFrameOffsetVector":  # relative to the first frame: starts at 0
+        offsets = [o - offsets[0] for o in offsets]
+    data = multiframe([ct_pixels(k) for k in stored], enhanced=False, increment=(keyword, offsets))
+    volume = load_volume(data)
+    assert volume.ordered_by == "position"
+    assert reds(volume.slices) == [red_of(k) for k in range(6)]
+    assert np.allclose(np.diff(volume.positions), 5.0)  # type: ignore[arg-type]
+
+
+def test_multiframe_frames_at_one_position_stay_in_frame_order_with_a_warning() -> None:
+    data = multiframe([ct_pixels(k) for k in (2, 0, 1)], positions=[(0.0, 0.0, 7.0)] * 3)
+    volume = load_volume(data)
+    assert volume.ordered_by == "frame" and len(volume.slices) == 3
+    assert reds(volume.slices) == [red_of(2), red_of(0), red_of(1)]
+    assert any("share one position" in w for w in volume.warnings)
+
+
+def test_two_echoes_at_each_position_keep_the_first_frame_with_a_warning() -> None:
+    # Frames: position 1 echo A, position 0 echo A, position 1 echo B, position 0 echo B.
+    data = multiframe(
+        [ct_pixels(k) for k in (1, 0, 11, 10)],
+        positions=[(0.0, 0.0, z) for z in (3.0, 0.0, 3.0, 0.0)],
+    )
+    volume = load_volume(data)
+    assert reds(volume.slices) == [red_of(0), red_of(1)]
+    assert any("2 frame(s) at an already seen position dropped" in w for w in volume.warnings)
+
+
+def test_a_multiframe_file_over_the_frame_limit_is_refused_before_ordering(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = multiframe([ct_pixels(k) for k in range(6)], positions=[(0, 0, k) for k in range(6)])
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("ordered or decoded despite the limit")
+
+    monkeypatch.setattr(vol, "_frame_positions", never)
+    monkeypatch.setattr(dcm, "_decode", never)
+    with (
+        limits.applied(limits.ImageLimits(max_frames=5)),
+        pytest.raises(ImageError, match="more than 5 frames"),
+    ):
+        load_volume(data)
+
+
+def test_a_multiframe_file_among_other_files_is_still_refused(tmp_path: Path) -> None:
+    paths = write_series(tmp_path, 2)
+    uid = str(pydicom.dcmread(paths[0]).SeriesInstanceUID)
+    data = multiframe([ct_pixels(0)] * 2, positions=[(0, 0, 0), (0, 0, 1)], series_uid=uid)
+    with pytest.raises(ImageError, match="multi-frame file inside a series"):
+        load_volume([data, *paths])
+
+
+# ----- folders: a DICOM CD or export --------------------------------------------------------
+
+
+def write_cd(root: Path, series: Sequence[list[Path]]) -> None:
+    """A DICOM CD as pydicom's FileSet writes it: DICOMDIR at the top, PT/ST/SE/IM below."""
+    from pydicom.fileset import FileSet
+
+    fileset = FileSet()
+    for paths in series:
+        for path in paths:
+            ds = pydicom.dcmread(path)
+            ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+            ds.StudyDate, ds.StudyTime, ds.StudyID = "20200101", "120000", "1"
+            ds.AccessionNumber = ""
+            fileset.add(ds)
+    fileset.write(root)
+
+
+def test_a_dicom_cd_with_a_dicomdir_and_subfolders_is_one_volume(tmp_path: Path) -> None:
+    write_cd(tmp_path / "cd", [write_series(tmp_path / "src", 7)])
+    assert (tmp_path / "cd" / "DICOMDIR").is_file()
+    assert not any(p.suffix for p in (tmp_path / "cd").rglob("IM*"))  # in subfolders, bare
+    (tmp_path / "cd" / ".DS_Store").write_bytes(b"hidden")
+    volume = load_volume(tmp_path / "cd")
+    assert reds(volume.slices) == [red_of(k) for k in range(7)]
+    assert volume.skipped_files == 0 and volume.warnings == ()
+
+
+def test_a_cd_of_several_series_names_them_and_says_to_pass_one_folder(tmp_path: Path) -> None:
+    mr = [np.full((8, 8), k, np.uint16) for k in range(2)]
+    write_cd(
+        tmp_path / "cd",
+        [
+            write_series(tmp_path / "a", 3, series_number=2),
+            write_series(tmp_path / "b", 2, modality="MR", series_number=4, pixels=mr),
+        ],
+    )
+    with pytest.raises(ImageError) as caught:
+        load_volume(tmp_path / "cd")
+    message = str(caught.value)
+    assert "series 2 (CT, 3)" in message and "series 4 (MR, 2)" in message
+    assert "pass one series' folder" in message
+    assert_no_canary(message)
+    assert "SE0" not in message and "IM0" not in message  # no file or folder names
+
+
+def test_a_nested_folder_over_the_file_limit_is_refused_before_any_header_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for n in range(3):
+        write_series(tmp_path / "DICOM" / f"SE{n}", 2)
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("read despite the limit")
+
+    monkeypatch.setattr(vol.pydicom, "dcmread", never)
+    monkeypatch.setattr(vol, "_read_header", never)
+    with (
+        limits.applied(limits.ImageLimits(max_series_files=5)),
+        pytest.raises(ImageError, match="more than 5 files"),
+    ):
+        load_volume(tmp_path)
+
+
+def test_folder_depth_is_limited_and_symlinks_are_not_followed(tmp_path: Path) -> None:
+    deep = tmp_path / "deep"
+    write_series(deep.joinpath(*[f"d{n}" for n in range(vol.MAX_FOLDER_DEPTH + 1)]), 2)
+    with pytest.raises(ImageError, match="nests more than 8 levels"):
+        load_volume(deep)
+    write_series(deep.joinpath(*[f"d{n}" for n in range(vol.MAX_FOLDER_DEPTH)]), 2, prefix="z")
+    shallow = tmp_path / "shallow"
+    write_series(shallow.joinpath(*[f"d{n}" for n in range(vol.MAX_FOLDER_DEPTH)]), 2)
+    assert len(load_volume(shallow).slices) == 2  # 8 levels are walked
+    # Links, to a folder or a file outside, are not followed.
+    series = tmp_path / "series"
+    write_series(series, 3)
+    outside = write_series(tmp_path / "outside", 2, series_number=9)
+    try:
+        (series / "linked").symlink_to(outside[0].parent, target_is_directory=True)
+        (series / "linked.dcm").symlink_to(outside[1])
+    except OSError:
+        pytest.skip("symbolic links cannot be made here")
+    volume = load_volume(series)
+    assert len(volume.slices) == 3 and reds(volume.slices) == [red_of(k) for k in range(3)]
+    assert "2 symbolic link(s) in the folder not followed" in volume.warnings
+
+
+# ----- corrupt files and decode counts --------------------------------------------------------
+
+
+def test_a_corrupt_file_in_a_series_is_a_clear_error(tmp_path: Path) -> None:
+    paths = write_series(tmp_path, 5)
+    good = [p.read_bytes() for p in paths]
+    broken_header = good[2][:200]
+    cut = good[2][: len(good[2]) - 40]  # pixel data cut short: the header still reads
+    with pytest.raises(ImageError, match=r"^series item 3: DICOM data is truncated or corrupt"):
+        load_volume([*good[:2], broken_header, *good[3:]])
+    with pytest.raises(ImageError, match=r"^series item 3: DICOM pixel data is truncated"):
+        load_volume([*good[:2], cut, *good[3:]])
+    sorted_paths = sorted(tmp_path.iterdir())
+    sorted_paths[1].write_bytes(sorted_paths[1].read_bytes()[:200])
+    with pytest.raises(ImageError) as caught:
+        load_volume(tmp_path)
+    assert str(caught.value) == (
+        "file 2 of 5 in the folder (in path order): DICOM data is truncated or corrupt "
+        "(the header stops before the pixel data)"
+    )
+    assert_no_canary(str(caught.value))
+
+
+def test_a_series_of_bytes_decodes_each_sampled_mr_slice_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pixels = [np.full((8, 8), 10 * k, np.uint16) for k in range(10)]
+    paths = write_series(tmp_path, 10, modality="MR", pixels=pixels)
+    calls = counting_decode(monkeypatch)
+    volume = load_volume([p.read_bytes() for p in reversed(paths)], max_slices=4)
+    assert calls == [None] * 4  # the sampled slices, once each
+    assert volume.value_range == (0.0, 90.0)
+    assert [int(s.pixels[0, 0, 0]) for s in volume.slices] == [0, 85, 170, 255]
+
+
+def test_prepare_makes_a_volume_of_a_multi_frame_ct_file(tmp_path: Path) -> None:
+    stored = shuffled(6)
+    data = multiframe(
+        [ct_pixels(k) for k in stored], positions=[(0.0, 0.0, 2.0 * k) for k in stored]
+    )
+    prepared = prepare(data)
+    assert prepared.kind == "volume" and prepared.labels()[0] == "SLICE 1"
+    assert reds(prepared.images) == [red_of(k) for k in range(6)]
+    path = tmp_path / "enhanced.dcm"
+    path.write_bytes(data)
+    assert reds(prepare(path, max_slices=2).images) == [red_of(0), red_of(5)]
+    single = multiframe([ct_pixels(1)], positions=[(0.0, 0.0, 0.0)])
+    assert prepare(single).kind == "dicom"  # one frame is one image, not a volume

@@ -37,7 +37,8 @@ def _bound(node: Any, max_length: int, max_items: int) -> None:
     if not isinstance(node, dict):
         return
     kinds = _types(node)
-    if "string" in kinds and "enum" not in node and "const" not in node:
+    # A pattern bounds its own length (and xgrammar ignores maxLength beside one).
+    if "string" in kinds and not {"enum", "const", "pattern"} & node.keys():
         node["maxLength"] = min(int(node.get("maxLength", max_length)), max_length)
     if "array" in kinds:
         node["maxItems"] = min(int(node.get("maxItems", max_items)), max_items)

@@ -5,6 +5,9 @@ The recipes follow Google's own MedGemma notebooks (DESIGN.md section 1):
 - CT: Hounsfield units from the modality LUT, then three windows into R, G, B
   (red -1024..1024, green -135..215, blue 0..80 HU), or one named preset window.
 - MR: one min-max scaling (over the image here; a volume passes its own range).
+- Enhanced (multi-frame) CT and MR: the rescale and window of each frame come from its
+  functional groups (per-frame, else shared), which pydicom 3's `apply_modality_lut`
+  does not read; without them an enhanced CT would be read 1024 HU off.
 - Radiographs and everything else: the file's own VOI LUT or window, else the full
   dynamic range; MONOCHROME1 inverted.
 - Colour stays colour (YBR and palette colour converted to RGB).
@@ -304,8 +307,10 @@ def _first_number(value: Any) -> float:
     return float(value)
 
 
-def _file_window(ds: Dataset, values: np.ndarray) -> tuple[np.ndarray, dict[str, Any]] | None:
-    """The file's own VOI LUT Sequence or window, or None when it has neither."""
+def _file_window(
+    ds: Dataset, values: np.ndarray, frame: int = 0
+) -> tuple[np.ndarray, dict[str, Any]] | None:
+    """The file's own VOI LUT Sequence or window (an enhanced file's per frame), else None."""
     voi = ds.get("VOILUTSequence")
     if voi:
         try:
@@ -320,13 +325,16 @@ def _file_window(ds: Dataset, values: np.ndarray) -> tuple[np.ndarray, dict[str,
             raise
         except Exception:
             raise ImageError("DICOM VOI LUT is malformed") from None
-    if "WindowCenter" in ds and "WindowWidth" in ds:
+    source: Dataset | None = ds
+    if "WindowCenter" not in ds or "WindowWidth" not in ds:
+        source = frame_group_item(ds, "FrameVOILUTSequence", frame)
+    if source is not None and "WindowCenter" in source and "WindowWidth" in source:
         try:
-            center = _first_number(ds.WindowCenter)
-            width = _first_number(ds.WindowWidth)
+            center = _first_number(source.WindowCenter)
+            width = _first_number(source.WindowWidth)
         except (TypeError, ValueError, IndexError):
             return None
-        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+        function = str(source.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
         if function not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
             function = "LINEAR"
         if width <= 0 or not np.isfinite(center) or not np.isfinite(width):
@@ -338,20 +346,56 @@ def _file_window(ds: Dataset, values: np.ndarray) -> tuple[np.ndarray, dict[str,
     return None
 
 
+# ------------------------------------------------------------------------ functional groups
+
+
+def frame_group_item(ds: Dataset, macro: str, frame: int) -> Dataset | None:
+    """The first item of an enhanced file's functional-group `macro` for one frame.
+
+    The frame's own item of PerFrameFunctionalGroupsSequence first, else the
+    SharedFunctionalGroupsSequence; None when neither holds it (or the file is not enhanced).
+    """
+    try:
+        for groups, index in (
+            ("PerFrameFunctionalGroupsSequence", frame),
+            ("SharedFunctionalGroupsSequence", 0),
+        ):
+            sequence = ds.get(groups)
+            if not sequence or not 0 <= index < len(sequence):
+                continue
+            inner = sequence[index].get(macro)
+            if inner:
+                item = inner[0]
+                return item if isinstance(item, Dataset) else None
+    except Exception:  # nested items are parsed on access; pydicom's messages may quote data
+        raise ImageError("DICOM functional groups are malformed") from None
+    return None
+
+
+def _rescale_source(ds: Dataset, frame: int) -> Dataset:
+    """Where a frame's RescaleSlope/Intercept live: its Pixel Value Transformation, else the top."""
+    item = frame_group_item(ds, "PixelValueTransformationSequence", frame)
+    if item is not None and ("RescaleSlope" in item or "RescaleIntercept" in item):
+        return item
+    return ds
+
+
 # -------------------------------------------------------------------------------- recipes
 
 
-def modality_values(stored: np.ndarray, ds: Dataset) -> np.ndarray:
+def modality_values(stored: np.ndarray, ds: Dataset, frame: int = 0) -> np.ndarray:
     """The modality LUT first: a Modality LUT Sequence, else RescaleSlope/Intercept (HU for CT).
 
-    A missing slope counts as 1 and a missing intercept as 0 (pydicom skips the rescale
-    unless both are present).
+    `frame` picks the rescale of an enhanced file's frame (its functional groups), which
+    pydicom's `apply_modality_lut` ignores. A missing slope counts as 1 and a missing
+    intercept as 0 (pydicom skips the rescale unless both are present).
     """
     if ds.get("ModalityLUTSequence"):
         return np.asarray(apply_modality_lut(stored, ds))
+    source = _rescale_source(ds, frame)
     try:
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+        slope = float(source.get("RescaleSlope", 1) or 1)
+        intercept = float(source.get("RescaleIntercept", 0) or 0)
     except (TypeError, ValueError):
         raise ImageError("DICOM rescale slope or intercept is not a number") from None
     if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0:
@@ -422,6 +466,13 @@ def _choose(recipe: str | None, preset: str | None, window: tuple[float, float] 
     return _Choice(recipe or "", preset, window)
 
 
+def _file_notes(ds: Dataset) -> list[str]:
+    """Warnings that hold for every frame of a file."""
+    if str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES":
+        return ["burned-in annotation: text in the pixels may identify the patient"]
+    return []
+
+
 def prepare_dataset(
     ds: Dataset,
     *,
@@ -444,9 +495,7 @@ def prepare_dataset(
 
     modality = _modality(ds)
     transfer = _transfer_syntax(ds)
-    warnings_: list[str] = []
-    if str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES":
-        warnings_.append("burned-in annotation: text in the pixels may identify the patient")
+    warnings_ = _file_notes(ds)
     photometric_in = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
 
     if frames is None and count > 1:
@@ -477,6 +526,53 @@ def prepare_dataset(
             )
         )
     return results
+
+
+def decode_frame(ds: Dataset, frame: int = 0) -> tuple[np.ndarray, str]:
+    """One frame's stored values (RGB for colour) and its photometric interpretation.
+
+    The header is checked against the limits first; only this frame is decoded, so a
+    volume decodes the frames it samples and no others. Pass the result to `prepare_frame`.
+    """
+    count = check_image(ds)
+    if not 0 <= frame < count:
+        raise ImageError(f"frame index out of range (the file has {count} frames)")
+    return _decode(ds, frame if count > 1 else None)
+
+
+def prepare_frame(
+    ds: Dataset,
+    frame: np.ndarray,
+    *,
+    photometric: str,
+    frame_index: int = 0,
+    recipe: str | None = None,
+    preset: str | None = None,
+    window: tuple[float, float] | None = None,
+    value_range: tuple[float, float] | None = None,
+    label: str = "dicom",
+) -> PreparedImage:
+    """The recipe on a frame already decoded by `decode_frame` (stored values, not HU).
+
+    The same code path as `load_dicom`: a caller that needs the pixels before the recipe
+    (a volume's min-max range) decodes each frame once. The modality LUT is applied here,
+    per frame, so the kept arrays stay in their stored dtype (half the memory of float32).
+    """
+    choice = _choose(recipe, preset, window)
+    transfer = _transfer_syntax(ds)
+    return _prepare_frame(
+        ds,
+        frame,
+        choice=choice,
+        photometric=str(photometric or "").strip().upper(),
+        modality=_modality(ds),
+        transfer=transfer,
+        frame_index=frame_index,
+        frame_count=_int(ds, "NumberOfFrames", 1),
+        value_range=value_range,
+        warnings_=_file_notes(ds),
+        label=label,
+    )
 
 
 def _prepare_frame(
@@ -510,11 +606,12 @@ def _prepare_frame(
         else:
             if choice.recipe == "color":
                 raise ImageError("recipe 'color' needs a colour image")
-            values = modality_values(frame, ds)
+            values = modality_values(frame, ds, frame_index)
             if recipe == "ct_windows":
                 if modality != "CT":
                     notes.append("CT windows applied to a non-CT image")
-                if "RescaleIntercept" not in ds and "ModalityLUTSequence" not in ds:
+                rescaled = "RescaleIntercept" in _rescale_source(ds, frame_index)
+                if not rescaled and "ModalityLUTSequence" not in ds:
                     notes.append("no rescale in the file: stored values taken as HU")
                 rgb = ct_windows(values)
                 extra["window"] = CT_WINDOWS
@@ -526,7 +623,7 @@ def _prepare_frame(
                 extra["window"] = (center, width)
                 extra["preset"] = choice.preset
             else:
-                found = _file_window(ds, values) if recipe == "file_window" else None
+                found = _file_window(ds, values, frame_index) if recipe == "file_window" else None
                 if found is not None:
                     gray, info = found
                     extra.update(info)

@@ -222,6 +222,10 @@ def _prepare(
         return Prepared(images, kind="images")
     if _is_dicom_ref(source):
         from coheara.imaging.dicom import load_dicom
+        from coheara.imaging.volume import is_multiframe_volume
+
+        if is_multiframe_volume(source):  # an Enhanced CT or MR: its frames are slices
+            return _volume(source, modality, preset, window, max_slices)
 
         frames = load_dicom(
             Path(source) if isinstance(source, str) else source,

@@ -1,32 +1,41 @@
-"""A CT or MR series (a folder, or a list of files or bytes) into ordered, sampled slices.
+"""A CT or MR volume into ordered, sampled slices: a series (a folder, or a list of files
+or bytes) or one multi-frame file whose frames are slices (Enhanced CT/MR, legacy
+multi-frame).
 
 The recipe of Google's MedGemma notebooks (DESIGN.md section 1):
 
 - one series only; slices ordered by their position along the slice normal
   (ImagePositionPatient projected on the cross product of ImageOrientationPatient's row
-  and column vectors), InstanceNumber only as a fallback, with a warning;
+  and column vectors), InstanceNumber only as a fallback, with a warning; the frames of
+  one multi-frame file the same way, from their functional groups (PlanePositionSequence)
+  or a spatial frame increment (GridFrameOffsetVector, SliceLocation), frame order only
+  as a fallback, with a warning;
 - sampled evenly to at most 85 slices, the first and the last kept;
 - CT: the three-window RGB on each slice (or a preset or window passed through);
   MR: ONE min-max over the whole sampled volume, so a dark slice stays dark;
 - the prompt: the instruction, then each slice followed by `SLICE n`, the question last.
 
-Headers are read first (`stop_before_pixels`); every limit (file count, pixels in all)
-is checked before any pixel is decoded. Errors and warnings never carry patient data:
-only counts, series numbers, modality codes and positions.
+Headers are read first (`stop_before_pixels`); every limit (file count, folder depth,
+pixels in all) is checked before any pixel is decoded, and only the sampled slices or
+frames are decoded, each once. Errors and warnings never carry patient data: only
+counts, series numbers, modality codes and positions.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pydicom
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 
 from coheara.errors import ImageError
 from coheara.imaging import dicom as _dicom
@@ -36,10 +45,25 @@ from coheara.imaging.image import PreparedImage, Provenance
 DEFAULT_MAX_SLICES = 85
 """Most slices sent to the model, as in Google's CT and MRI notebooks."""
 
+MAX_FOLDER_DEPTH = 8
+"""Most levels of subfolders walked (a DICOM CD nests 3: DICOM/ST000001/SE000001)."""
+
 _POSITION_DECIMALS = 3
 """Positions equal to a micrometre are the same position (a duplicate slice)."""
 
-VolumeSource = str | Path | Sequence[str | Path | bytes | bytearray | memoryview]
+_SPATIAL_INCREMENTS = ("GridFrameOffsetVector", "SliceLocationVector", "SliceLocation")
+"""Frame increments that place a legacy multi-frame file's frames in space (not in time)."""
+
+VolumeSource = (
+    str
+    | Path
+    | bytes
+    | bytearray
+    | memoryview
+    | Sequence[str | Path | bytes | bytearray | memoryview]
+)
+
+_Kind = Literal["folder", "list", "file"]
 
 
 @dataclass(frozen=True)
@@ -52,8 +76,9 @@ class SliceProvenance(Provenance):
     """0-based index in the whole ordered series, before sampling."""
     series_slices: int = 0
     position: float | None = None
-    """Millimetres along the slice normal (None when ordered by InstanceNumber)."""
+    """Millimetres along the slice normal (None when ordered by InstanceNumber or frame)."""
     instance_number: int | None = None
+    """The file's InstanceNumber (None for the frames of a multi-frame file: see frame_index)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,7 +89,8 @@ class Volume:
     modality: str | None
     recipe: str
     ordered_by: str
-    """"position" (along the slice normal) or "instance_number" (fallback)."""
+    """"position" (along the slice normal), or the fallbacks "instance_number" (files of a
+    series) and "frame" (frames of one multi-frame file)."""
     series_slices: int
     """Slices of the series after duplicates were dropped, before sampling."""
     sampled: tuple[int, ...]
@@ -100,24 +126,40 @@ class _Header:
     ds: Dataset
 
 
+@dataclass(frozen=True)
+class _Slice:
+    """One slice of the ordered series: a single-frame file, or one frame of a multi-frame file."""
+
+    header: _Header
+    frame: int | None
+    """None for a single-frame file; the 0-based frame index in a multi-frame file."""
+    position: float | None
+
+
 # ---------------------------------------------------------------------------- gathering
 
 
-def _inputs(source: VolumeSource, max_files: int) -> tuple[list[Path | bytes], bool]:
-    """The files to read, and whether they came from a folder (non-DICOM skipped quietly)."""
+def _inputs(
+    source: VolumeSource, max_files: int, notes: list[str]
+) -> tuple[list[Path | bytes], _Kind]:
+    """The files to read and what they came as: a folder (non-DICOM skipped quietly), a
+    list (every item must be DICOM) or one file (a multi-frame volume)."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        return [bytes(source)], "file"
     if isinstance(source, str | Path):
-        folder = Path(source)
-        if not folder.is_dir():
-            raise ImageError("a volume needs a folder or a list of DICOM files")
+        path = Path(source)
         try:
-            entries = sorted(
-                p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-            )
-        except OSError as exc:
-            raise ImageError(f"cannot list the folder: {exc.strerror}") from None
-        if len(entries) > max_files:
-            raise ImageError(f"the folder holds more than {max_files} files")
-        return list(entries), True
+            is_dir, is_file = path.is_dir(), path.is_file()
+        except (OSError, ValueError):
+            is_dir = is_file = False
+        if is_dir:
+            return list(_walk(path, max_files, notes)), "folder"
+        if is_file:
+            return [path], "file"
+        raise ImageError(
+            "a volume needs a folder, a list of DICOM files or one multi-frame DICOM file",
+            hint="check the path",
+        )
     items = list(source)
     if len(items) > max_files:
         raise ImageError(f"a series of more than {max_files} files is refused")
@@ -129,32 +171,97 @@ def _inputs(source: VolumeSource, max_files: int) -> tuple[list[Path | bytes], b
             refs.append(bytes(item))
         else:
             raise ImageError(f"unsupported series item type {type(item).__name__}")
-    return refs, False
+    return refs, "list"
 
 
-def _read_header(ref: Path | bytes) -> Dataset | None:
-    """The header without pixel data, or None when the data is not DICOM."""
+def _walk(
+    folder: Path, max_files: int, notes: list[str], max_depth: int = MAX_FOLDER_DEPTH
+) -> list[Path]:
+    """Every file under `folder`, top-down in name order, as a DICOM CD or export lays them
+    out (a DICOMDIR at the top, the images in subfolders).
+
+    Hidden entries and DICOMDIR files are skipped; no symbolic link is followed, to a file
+    or a folder, so nothing outside the folder is read. The file count is checked while
+    walking, before any header is read.
+    """
+    files: list[Path] = []
+    links = 0
+    folders = 0
+    pending: list[tuple[Path, int]] = [(folder, 0)]
+    while pending:
+        current, depth = pending.pop()
+        try:
+            with os.scandir(current) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+            subfolders: list[Path] = []
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_symlink():
+                    links += 1
+                elif entry.is_dir(follow_symlinks=False):
+                    subfolders.append(Path(entry.path))
+                elif entry.is_file(follow_symlinks=False) and entry.name.upper() != "DICOMDIR":
+                    files.append(Path(entry.path))
+                    if len(files) > max_files:
+                        raise ImageError(f"the folder holds more than {max_files} files")
+        except OSError as exc:
+            raise ImageError(f"cannot list the folder: {exc.strerror}") from None
+        if subfolders and depth >= max_depth:
+            raise ImageError(
+                f"the folder nests more than {max_depth} levels of subfolders",
+                hint="pass the folder of one series",
+            )
+        folders += len(subfolders)
+        if folders > max_files:
+            raise ImageError(f"the folder holds more than {max_files} subfolders")
+        pending.extend((sub, depth + 1) for sub in reversed(subfolders))
+    if links:
+        notes.append(f"{links} symbolic link(s) in the folder not followed")
+    return files
+
+
+def _where(kind: _Kind, index: int, count: int) -> str:
+    """Which input an error is about, without its name: its rank in the input."""
+    if kind == "list":
+        return f"series item {index + 1}"
+    if kind == "folder":
+        return f"file {index + 1} of {count} in the folder (in path order)"
+    return ""
+
+
+def _located(error: ImageError, where: str) -> ImageError:
+    """The error with which input it is about in front (one input: as it is)."""
+    if not where:
+        return error
+    return ImageError(f"{where}: {error.message}", hint=error.hint)
+
+
+def _read_header(ref: Path | bytes) -> tuple[Dataset, bool] | None:
+    """The header without pixel data and whether anything (the pixel data) follows it;
+    None when the data is not DICOM."""
     try:
         if isinstance(ref, Path):
             most = limits.current().max_dicom_bytes
-            if ref.stat().st_size > most:
+            size = ref.stat().st_size
+            if size > most:
                 raise ImageError(f"DICOM file is larger than {most} bytes")
             with ref.open("rb") as handle:
                 head = handle.read(132)
                 if not _dicom.looks_like_dicom(head):
                     return None
                 handle.seek(0)
-                return _header(handle, head)
+                return _header(handle, head, size)
         if not _dicom.looks_like_dicom(ref[:132]):
             return None
-        return _header(io.BytesIO(ref), ref[:132])
+        return _header(io.BytesIO(ref), ref[:132], len(ref))
     except FileNotFoundError:
         raise ImageError("image file not found", hint="check the path") from None
     except OSError as exc:
         raise ImageError(f"cannot read image file: {exc.strerror}") from None
 
 
-def _header(handle: Any, head: bytes) -> Dataset:
+def _header(handle: Any, head: bytes, size: int) -> tuple[Dataset, bool]:
     has_preamble = len(head) >= 132 and head[128:132] == b"DICM"
     try:
         with warnings.catch_warnings():
@@ -162,16 +269,66 @@ def _header(handle: Any, head: bytes) -> Dataset:
             ds = pydicom.dcmread(handle, stop_before_pixels=True, force=not has_preamble)
             for _ in ds:
                 pass
+            # pydicom stops quietly at the end of a truncated file; a header that reaches
+            # the end has no pixel data after it (a non-image object, or a cut-off image).
+            follows = handle.tell() < size
     except Exception:  # pydicom's messages may quote the data
         raise ImageError("DICOM data is truncated or corrupt") from None
-    return ds
+    return ds, follows
 
 
-def _is_image_header(ds: Dataset) -> bool:
+def _not_an_image(ds: Dataset, follows: bool) -> str | None:
+    """Why a parsed header is no image to prepare, or None when it is one."""
     sop = _dicom._sop_class(ds)
-    if any(sop.startswith(prefix) for prefix, _ in _dicom._REFUSED_SOP_PREFIXES):
+    for prefix, what in _dicom._REFUSED_SOP_PREFIXES:
+        if sop.startswith(prefix):
+            return f"DICOM object is {what}"
+    if "DirectoryRecordSequence" in ds:
+        return "DICOM object is a DICOMDIR (a media index, not an image)"
+    if follows and "Rows" in ds and "Columns" in ds:
+        return None
+    if _claims_image(sop):
+        return "DICOM data is truncated or corrupt (the header stops before the pixel data)"
+    return "DICOM object has no image, or its header is truncated"
+
+
+def _claims_image(sop: str) -> bool:
+    """Whether a SOP class is a standard image storage class (CT Image Storage, ...)."""
+    try:
+        return bool(sop) and "Image Storage" in UID(sop).name
+    except Exception:
         return False
-    return "DirectoryRecordSequence" not in ds and "Rows" in ds and "Columns" in ds
+
+
+def _frame_count(ds: Dataset) -> int:
+    return _dicom._int(ds, "NumberOfFrames", 1)
+
+
+def is_multiframe_volume(source: Dataset | str | Path | bytes | bytearray | memoryview) -> bool:
+    """Whether one DICOM file is a volume on its own: a CT or MR image of several frames.
+
+    Such a file (Enhanced CT/MR, legacy multi-frame) belongs to `load_volume`, which orders
+    and samples its frames, not to `load_dicom`, which gives every frame in file order.
+    Takes a parsed dataset (a header read with `stop_before_pixels` is enough) or a path
+    or bytes, of which only the header is read. Never raises: anything that is not a
+    readable DICOM image header is False (its own loader then says what is wrong).
+    """
+    try:
+        parsed: tuple[Dataset, bool] | None
+        if isinstance(source, Dataset):
+            follows = "PixelData" in source or _dicom._int(source, "Rows", 0) > 0
+            parsed = (source, follows)
+        elif isinstance(source, bytes | bytearray | memoryview):
+            parsed = _read_header(bytes(source))
+        else:
+            path = Path(source)
+            parsed = _read_header(path) if path.is_file() else None
+        if parsed is None or _not_an_image(*parsed) is not None:
+            return False
+        ds = parsed[0]
+        return _frame_count(ds) > 1 and _dicom._modality(ds) in ("CT", "MR")
+    except (ImageError, OSError, ValueError, TypeError):
+        return False
 
 
 def _series_number(ds: Dataset) -> str:
@@ -194,7 +351,10 @@ def _one_series(headers: list[_Header]) -> list[_Header]:
         described.append(f"series {_series_number(members[0].ds)} ({modality}, {len(members)})")
     raise ImageError(
         f"the input mixes {len(groups)} series; one is needed: " + ", ".join(described),
-        hint="put one series in the folder, or pass the files of one series",
+        hint=(
+            "pass one series' folder (on a DICOM CD or export, the subfolder that holds "
+            "that series), or the files of one series"
+        ),
     )
 
 
@@ -232,39 +392,50 @@ def slice_normal(orientation: Sequence[float] | np.ndarray) -> np.ndarray:
     return normal / length
 
 
-def _order(
-    headers: list[_Header], notes: list[str]
-) -> tuple[list[_Header], list[float | None], str]:
+def _along_normal(
+    positions: Sequence[np.ndarray], orientations: Sequence[np.ndarray], notes: list[str], what: str
+) -> list[float]:
+    """Each position projected on the first orientation's slice normal, in mm."""
+    first = orientations[0]
+    normal = slice_normal(first)
+    if any(not np.allclose(o, first, atol=1e-3) for o in orientations):
+        notes.append(f"slice orientations differ within the {what}: ordered along the first")
+    return [round(float(np.dot(p, normal)), _POSITION_DECIMALS) for p in positions]
+
+
+def _by_position(along: list[float], ties: Sequence[tuple[int, ...]]) -> tuple[list[int], int]:
+    """Indices sorted along the normal, one per position (the lowest tie key stays), and
+    how many were dropped as duplicates."""
+    order = sorted(range(len(along)), key=lambda i: (along[i], *ties[i]))
+    kept: list[int] = []
+    for i in order:
+        if kept and along[kept[-1]] == along[i]:
+            continue
+        kept.append(i)
+    return kept, len(order) - len(kept)
+
+
+def _or_last(instance: int | None) -> int:
+    """A missing InstanceNumber sorts after every real one."""
+    return instance if instance is not None else 2**31
+
+
+def _order(headers: list[_Header], notes: list[str]) -> tuple[list[_Slice], str]:
+    """The files of a series in anatomical order (InstanceNumber only as a fallback)."""
     positions = [_floats(h.ds, "ImagePositionPatient", 3) for h in headers]
     orientations = [_floats(h.ds, "ImageOrientationPatient", 6) for h in headers]
     instances = [_instance(h.ds) for h in headers]
     if all(p is not None for p in positions) and all(o is not None for o in orientations):
-        first = orientations[0]
-        assert first is not None
-        normal = slice_normal(first)
-        if any(not np.allclose(o, first, atol=1e-3) for o in orientations if o is not None):
-            notes.append("slice orientations differ within the series: ordered along the first")
-        along = [round(float(np.dot(p, normal)), _POSITION_DECIMALS) for p in positions]  # type: ignore[arg-type]
-        keys = [
-            (along[i], instances[i] if instances[i] is not None else 2**31, h.input_index)
-            for i, h in enumerate(headers)
-        ]
-        order = sorted(range(len(headers)), key=lambda i: keys[i])
-        kept: list[int] = []
-        for i in order:
-            if kept and along[kept[-1]] == along[i]:
-                continue  # same position: the lowest InstanceNumber (then input order) stays
-            kept.append(i)
-        dropped = len(order) - len(kept)
+        along = _along_normal(positions, orientations, notes, "series")  # type: ignore[arg-type]
+        ties = [(_or_last(instances[i]), h.input_index) for i, h in enumerate(headers)]
+        kept, dropped = _by_position(along, ties)
         if dropped:
             notes.append(
                 f"{dropped} slice(s) at an already seen position dropped "
                 "(kept the lowest InstanceNumber)"
             )
-        ordered = [headers[i] for i in kept]
-        kept_positions: list[float | None] = [along[i] for i in kept]
         _check_spacing([along[i] for i in kept], notes)
-        return ordered, kept_positions, "position"
+        return [_Slice(headers[i], None, along[i]) for i in kept], "position"
     if all(n is not None for n in instances):
         notes.append(
             "slice positions (ImagePositionPatient/ImageOrientationPatient) missing: "
@@ -273,11 +444,92 @@ def _order(
         order = sorted(range(len(headers)), key=lambda i: (instances[i], headers[i].input_index))
         if len({instances[i] for i in order}) < len(order):
             notes.append("repeated InstanceNumbers: their slices kept in input order")
-        return [headers[i] for i in order], [None] * len(order), "instance_number"
+        return [_Slice(headers[i], None, None) for i in order], "instance_number"
     raise ImageError(
         "the slices have neither positions nor instance numbers: their order is unknown",
         hint="pass a series with ImagePositionPatient and ImageOrientationPatient",
     )
+
+
+def _frame_positions(ds: Dataset, count: int, notes: list[str]) -> list[float] | None:
+    """Each frame's position along the slice normal in mm, or None when the file has none.
+
+    Enhanced CT/MR: PlanePositionSequence per frame, PlaneOrientationSequence per frame or
+    shared (else the top-level ImageOrientationPatient). Legacy multi-frame: the frame
+    increment, when it is spatial (GridFrameOffsetVector, SliceLocation[Vector]).
+    """
+    try:
+        per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+        groups = len(per_frame) if per_frame else 0
+    except Exception:
+        raise ImageError("DICOM functional groups are malformed") from None
+    if groups:
+        if groups != count:
+            notes.append("per-frame functional groups do not match the frame count: ignored")
+        else:
+            top = _floats(ds, "ImageOrientationPatient", 6)
+            positions: list[np.ndarray] = []
+            orientations: list[np.ndarray] = []
+            for i in range(count):
+                plane = _dicom.frame_group_item(ds, "PlanePositionSequence", i)
+                turn = _dicom.frame_group_item(ds, "PlaneOrientationSequence", i)
+                position = _floats(plane, "ImagePositionPatient", 3) if plane else None
+                orientation = _floats(turn, "ImageOrientationPatient", 6) if turn else top
+                if position is None or orientation is None:
+                    break
+                positions.append(position)
+                orientations.append(orientation)
+            else:
+                return _along_normal(positions, orientations, notes, "file")
+    pointer = ds.get("FrameIncrementPointer")
+    tags = [pointer] if isinstance(pointer, int) else list(pointer or [])
+    for tag in tags:
+        try:
+            keyword = keyword_for_tag(int(tag))
+        except (TypeError, ValueError):
+            continue
+        if keyword not in _SPATIAL_INCREMENTS:
+            continue
+        offsets = _floats(ds, keyword, count)
+        if offsets is None:
+            continue
+        base = 0.0
+        if keyword == "GridFrameOffsetVector" and offsets[0] == 0:
+            # Offsets relative to the first frame's ImagePositionPatient, along the normal.
+            origin = _floats(ds, "ImagePositionPatient", 3)
+            orientation = _floats(ds, "ImageOrientationPatient", 6)
+            if origin is not None and orientation is not None:
+                base = float(np.dot(origin, slice_normal(orientation)))
+        return [round(base + float(o), _POSITION_DECIMALS) for o in offsets]
+    return None
+
+
+def _order_frames(header: _Header, notes: list[str]) -> tuple[list[_Slice], str]:
+    """The frames of one multi-frame file in anatomical order (frame order as a fallback)."""
+    count = _frame_count(header.ds)
+    most = limits.current().max_frames
+    if count > most:  # before any per-frame work: the header alone may claim millions
+        raise ImageError(f"DICOM image has more than {most} frames")
+    along = _frame_positions(header.ds, count, notes)
+    if along is None:
+        notes.append(
+            "frame positions (PlanePositionSequence or a spatial FrameIncrementPointer) "
+            "missing: ordered by frame number, which may not follow the anatomy"
+        )
+        return [_Slice(header, i, None) for i in range(count)], "frame"
+    if len(set(along)) == 1:
+        notes.append(
+            "all frames share one position (a time series, not a volume?): kept in frame order"
+        )
+        return [_Slice(header, i, along[i]) for i in range(count)], "frame"
+    kept, dropped = _by_position(along, [(i,) for i in range(count)])
+    if dropped:
+        notes.append(
+            f"{dropped} frame(s) at an already seen position dropped (kept the first frame "
+            "at each; the file may hold several echoes, phases or stacks)"
+        )
+    _check_spacing([along[i] for i in kept], notes)
+    return [_Slice(header, i, along[i]) for i in kept], "position"
 
 
 def _check_spacing(along: list[float], notes: list[str]) -> None:
@@ -319,26 +571,46 @@ def load_volume(
     max_files: int | None = None,
     max_pixels: int | None = None,
 ) -> Volume:
-    """One series into at most `max_slices` prepared slices in anatomical order.
+    """One series, or one multi-frame file, into at most `max_slices` prepared slices in
+    anatomical order.
 
-    source: a folder (non-DICOM files in it are skipped and counted) or a list of DICOM
-    paths or bytes (every item must be DICOM). modality: "CT" or "MR" to override the
-    files' Modality tag for the recipe. preset/window: a CT preset or (center, width),
-    applied to every slice; recipe: any recipe of `load_dicom`, forced on every slice.
+    source: a folder, walked into its subfolders as a DICOM CD or export lays them out
+    (non-DICOM files skipped and counted, DICOMDIR ignored); a list of DICOM paths or
+    bytes (every item must be DICOM); or one multi-frame CT or MR file (a path or its
+    bytes, see `is_multiframe_volume`), whose frames are the slices. modality: "CT" or
+    "MR" to override the files' Modality tag for the recipe. preset/window: a CT preset
+    or (center, width), applied to every slice; recipe: any recipe of `load_dicom`,
+    forced on every slice.
     """
     if max_slices < 1:
         raise ImageError("max_slices must be at least 1")
+    _dicom._choose(recipe, preset, window)  # a bad choice fails before anything is read
     max_files = max_files or limits.current().max_series_files
     max_pixels = max_pixels or limits.current().max_pixels
-    refs, from_folder = _inputs(source, max_files)
     notes: list[str] = []
+    refs, kind = _inputs(source, max_files, notes)
     headers: list[_Header] = []
     skipped = 0
     for index, ref in enumerate(refs):
-        ds = _read_header(ref)
-        if ds is None or (from_folder and not _is_image_header(ds)):
-            if not from_folder:
+        where = _where(kind, index, len(refs))
+        try:
+            parsed = _read_header(ref)
+        except ImageError as exc:
+            raise _located(exc, where) from None
+        if parsed is None:
+            if kind == "list":
                 raise ImageError(f"series item {index + 1} is not DICOM")
+            if kind == "file":
+                raise ImageError("data is not DICOM")
+            skipped += 1
+            continue
+        ds, follows = parsed
+        why = _not_an_image(ds, follows)
+        if why is not None:
+            # A folder may hold reports, presentation states and vendor objects beside the
+            # images; a cut-off image, or anything not an image in a list, is an error.
+            if kind != "folder" or _claims_image(_dicom._sop_class(ds)):
+                raise _located(ImageError(why), where)
             skipped += 1
             continue
         headers.append(_Header(ref, index, ds))
@@ -347,13 +619,16 @@ def load_volume(
     if not headers:
         raise ImageError("no DICOM image found in the series input")
     headers = _one_series(headers)
-    for header in headers:
-        if _dicom._int(header.ds, "NumberOfFrames", 1) > 1:
-            raise ImageError(
-                "a multi-frame file inside a series is not supported",
-                hint="pass the multi-frame file on its own",
-            )
-    ordered, positions, ordered_by = _order(headers, notes)
+    multiframe = [h for h in headers if _frame_count(h.ds) > 1]
+    if multiframe and len(headers) > 1:
+        raise ImageError(
+            "a multi-frame file inside a series is not supported",
+            hint="pass the multi-frame file on its own",
+        )
+    if multiframe:
+        ordered, ordered_by = _order_frames(headers[0], notes)
+    else:
+        ordered, ordered_by = _order(headers, notes)
     chosen = sample_evenly(len(ordered), max_slices)
     if len(chosen) < len(ordered):
         notes.append(f"{len(ordered)} slices sampled evenly to {len(chosen)}")
@@ -361,16 +636,18 @@ def load_volume(
     # Limits on what will be decoded, from the headers alone.
     total = 0
     for i in chosen:
-        ds = ordered[i].ds
+        ds = ordered[i].header.ds
         rows, columns = _dicom._int(ds, "Rows"), _dicom._int(ds, "Columns")
         total += rows * columns * _dicom._int(ds, "SamplesPerPixel", 1)
     if total > max_pixels:
         raise ImageError(f"the sampled slices hold more than {max_pixels} pixels in all")
-    sizes = {(ordered[i].ds.get("Rows"), ordered[i].ds.get("Columns")) for i in chosen}
+    sizes = {
+        (ordered[i].header.ds.get("Rows"), ordered[i].header.ds.get("Columns")) for i in chosen
+    }
     if len(sizes) > 1:
         notes.append("slices differ in size: each is resized to the model's square")
 
-    series_modality = _dicom._modality(ordered[0].ds)
+    series_modality = _dicom._modality(ordered[0].header.ds)
     wanted = (modality or series_modality or "").strip().upper() or None
     if modality is not None and series_modality and wanted != series_modality:
         notes.append(f"modality {wanted} assumed for a {series_modality} series")
@@ -385,21 +662,32 @@ def load_volume(
                     "one min-max over the volume applied"
                 )
 
-    datasets = [_full_dataset(ordered[i].ref) for i in chosen]
-    value_range = _volume_range(datasets) if recipe == "min_max" else None
+    picked = [ordered[i] for i in chosen]
+    decoded = _decoded(picked, kind, len(refs))
+    value_range: tuple[float, float] | None = None
+    if recipe == "min_max":
+        # One pass decodes every sampled slice and keeps it in its stored dtype; the range
+        # comes from those arrays, and the recipe then runs on them: each decoded once.
+        kept = list(decoded)
+        value_range = _volume_range(kept)
+        decoded = iter(kept)
 
     slices: list[PreparedImage] = []
     slice_notes: list[str] = []
-    for number, (i, ds) in enumerate(zip(chosen, datasets, strict=True), start=1):
-        prepared = _dicom.prepare_dataset(
+    for number, (i, (item, ds, frame, photometric)) in enumerate(
+        zip(chosen, decoded, strict=True), start=1
+    ):
+        prepared = _dicom.prepare_frame(
             ds,
+            frame,
+            photometric=photometric,
+            frame_index=item.frame or 0,
             recipe=recipe,
             preset=preset,
             window=window,
-            frames=[0],
             value_range=value_range,
             label=f"slice {number}",
-        )[0]
+        )
         base = prepared.provenance
         assert base is not None
         for note in base.warnings:
@@ -410,8 +698,8 @@ def load_volume(
             slice_number=number,
             order_index=i,
             series_slices=len(ordered),
-            position=positions[i],
-            instance_number=_instance(ds),
+            position=item.position,
+            instance_number=_instance(ds) if item.frame is None else None,
         )
         slices.append(PreparedImage(prepared.pixels, source=prepared.source, provenance=provenance))
     final_recipe = slices[0].provenance.recipe if slices[0].provenance else str(recipe)
@@ -422,26 +710,54 @@ def load_volume(
         ordered_by=ordered_by,
         series_slices=len(ordered),
         sampled=tuple(chosen),
-        positions=tuple(positions[i] for i in chosen),
+        positions=tuple(ordered[i].position for i in chosen),
         value_range=value_range,
         skipped_files=skipped,
         warnings=tuple(notes + slice_notes),
     )
 
 
-def _full_dataset(ref: Path | bytes) -> Dataset:
-    return _dicom.read_dataset(ref)
+_Decoded = tuple[_Slice, Dataset, np.ndarray, str]
+"""A sampled slice, its dataset, its decoded stored values and their photometric."""
 
 
-def _volume_range(datasets: list[Dataset]) -> tuple[float, float]:
+def _decoded(picked: list[_Slice], kind: _Kind, inputs: int) -> Iterator[_Decoded]:
+    """Decode the sampled slices one at a time, each once; only the sampled frames of a
+    multi-frame file. A single-frame file's encoded pixels are dropped once decoded."""
+    files: dict[int, Dataset] = {}
+    for item in picked:
+        header = item.header
+        where = _where(kind, header.input_index, inputs)
+        if item.frame is None:
+            try:
+                ds = _dicom.read_dataset(header.ref)
+                frame, photometric = _dicom.decode_frame(ds, 0)
+            except ImageError as exc:
+                raise _located(exc, where) from None
+            del ds.PixelData  # decoded: keep only the array, in its stored dtype
+        else:
+            if header.input_index not in files:
+                try:
+                    whole = _dicom.read_dataset(header.ref)
+                    _dicom.check_image(whole)
+                except ImageError as exc:
+                    raise _located(exc, where) from None
+                files[header.input_index] = whole
+            ds = files[header.input_index]
+            try:
+                frame, photometric = _dicom._decode(ds, item.frame)
+            except ImageError as exc:
+                raise _located(exc, f"frame {item.frame + 1}") from None
+        yield item, ds, frame, photometric
+
+
+def _volume_range(decoded: list[_Decoded]) -> tuple[float, float]:
     """(min, max) of the modality values over every sampled slice: one scale for the volume."""
     lo, hi = np.inf, -np.inf
-    for ds in datasets:
-        _dicom.check_image(ds)
-        frame, _ = _dicom._decode(ds, None)
+    for item, ds, frame, _ in decoded:
         if frame.ndim == 3:
             raise ImageError("a colour series cannot be scaled as one grey volume")
-        values = _dicom.modality_values(frame, ds)
+        values = _dicom.modality_values(frame, ds, item.frame or 0)
         lo = min(lo, float(np.min(values)))
         hi = max(hi, float(np.max(values)))
     return lo, hi

@@ -16,7 +16,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-_SENTENCE = re.compile(r"(?<=[.!?;])\s+(?=[A-Z0-9(\"'])|\n+")
+_SENTENCE = re.compile(r"(?<=[.!?;])\s+(?=[A-Z(\"'])")
+_LINE = re.compile(r"\s*\n\s*")
 _SPACE = re.compile(r"\s+")
 _NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:[.,]\d+)*(?:\.\d+)?")
 _QUOTE_MARKS = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"'})
@@ -75,7 +76,7 @@ class Sources:
             data = data.model_dump(mode="json", exclude_none=True)
         items: list[SourceItem] = []
         for path, text in _walk(data, "", skip):
-            pieces = _sentences(text) if len(text) > _SPLIT_ABOVE else [text]
+            pieces = _pieces(text)
             for index, piece in enumerate(pieces, start=1):
                 where = f"{path}#{index}" if len(pieces) > 1 else path
                 items.append(SourceItem(f"S{len(items) + 1}", where, piece))
@@ -131,5 +132,10 @@ def _walk(value: Any, path: str, skip: tuple[str, ...]) -> Iterator[tuple[str, s
             yield path, text
 
 
-def _sentences(text: str) -> list[str]:
-    return [piece.strip() for piece in _SENTENCE.split(text) if piece and piece.strip()]
+def _pieces(text: str) -> list[str]:
+    """Each line of a text (a lab report's rows), and in a long text each sentence; never
+    at a full stop before a digit (`ref. 3.5`)."""
+    lines = [line.strip() for line in _LINE.split(text) if line.strip()]
+    if len(text) <= _SPLIT_ABOVE:
+        return lines
+    return [piece.strip() for line in lines for piece in _SENTENCE.split(line) if piece.strip()]

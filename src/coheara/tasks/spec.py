@@ -10,6 +10,7 @@ generation defaults, the latency target and an optional FHIR mapping.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -91,6 +92,48 @@ class Review:
 
     def gap(self, kind: Any, detail: str, *, element: str | None = None) -> None:
         self.gaps.append(Gap(kind=kind, element=element, detail=detail[:500]))
+
+    def status(self, element: str) -> str:
+        """The trace status of one cited element ("uncited" when it has no link)."""
+        return next((link.status for link in self.links if link.element == element), "uncited")
+
+    def reindex(self, section: str, mapping: dict[int, int | None]) -> None:
+        """After a check removed, merged or reordered the entries of `draft[section]`, make
+        the trace, findings and gaps point at the entries' new places. An entry mapped to
+        None was removed: its links and gaps go (the draft no longer states it); its
+        findings stay, without an element, naming the model's item."""
+        pattern = re.compile(rf"^{re.escape(section)}\[(\d+)\](?=$|[.\[])")
+
+        def moved(element: str | None) -> tuple[bool, str | None]:
+            match = pattern.match(element or "")
+            if element is None or match is None:
+                return False, element
+            new = mapping.get(int(match.group(1)), int(match.group(1)))
+            if new is None:
+                return True, None
+            return False, f"{section}[{new}]{element[match.end() :]}"
+
+        self.links[:] = [
+            link.model_copy(update={"element": element})
+            for link in self.links
+            for removed, element in [moved(link.element)]
+            if not removed
+        ]
+        findings = []
+        for finding in self.findings:
+            removed, element = moved(finding.element)
+            if removed:
+                message = f"(model's {finding.element}, removed) {finding.message}"
+                findings.append(finding.model_copy(update={"element": None, "message": message}))
+            else:
+                findings.append(finding.model_copy(update={"element": element}))
+        self.findings[:] = findings
+        self.gaps[:] = [
+            gap.model_copy(update={"element": element})
+            for gap in self.gaps
+            for removed, element in [moved(gap.element)]
+            if not removed
+        ]
 
     def verified(self, element_prefix: str) -> bool:
         """Whether every cited element under `element_prefix` has a verified quote."""

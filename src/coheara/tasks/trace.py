@@ -74,7 +74,8 @@ def trace_citations(review: Review) -> None:
         quote = str(element.get("quote") or "")
         text = _statement_text(element)
         if not cited and not quote.strip():
-            if text and not _is_marker(text):
+            markers = any(_is_marker(v) for k, v in element.items() if isinstance(v, str))
+            if text and not markers:
                 review.links.append(TraceLink(element=path, sources=[], status="uncited"))
                 review.flag(
                     "statement_uncited",

@@ -21,7 +21,6 @@ Its FHIR form is an R5 `Claim` with `use = preauthorization` and `status = draft
 from __future__ import annotations
 
 import html
-import re
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -165,40 +164,6 @@ def _instruction(data: PriorAuthInput, context: ArtifactContext | None) -> str:
 # ----- checks -------------------------------------------------------------------------
 
 
-def _reindex(review: Review, section: str, moves: dict[int, int | None]) -> None:
-    """Items of `section` moved (old index -> new, or None: removed): keep the trace,
-    findings and gaps pointing at the right element."""
-    pattern = re.compile(rf"^{re.escape(section)}\[(\d+)\](?=$|[.\[])")
-
-    def moved(path: str | None) -> tuple[bool, str | None]:
-        match = pattern.match(path or "")
-        if path is None or match is None:
-            return True, path
-        new = moves.get(int(match.group(1)), int(match.group(1)))
-        if new is None:
-            return False, None
-        return True, f"{section}[{new}]{path[match.end() :]}"
-
-    links = []
-    for link in review.links:
-        keep, path = moved(link.element)
-        if keep:
-            links.append(link.model_copy(update={"element": path}))
-    review.links[:] = links
-    findings = []
-    for finding in review.findings:
-        keep, path = moved(finding.element)
-        if keep:
-            findings.append(finding.model_copy(update={"element": path}))
-    review.findings[:] = findings
-    gaps = []
-    for gap in review.gaps:
-        keep, path = moved(gap.element)
-        if keep:
-            gaps.append(gap.model_copy(update={"element": path}))
-    review.gaps[:] = gaps
-
-
 def check_criteria_coverage(review: Review) -> None:
     """One assessment per payer criterion, in input order; unknown and repeated ones out,
     missing ones in as gaps."""
@@ -247,7 +212,7 @@ def check_criteria_coverage(review: Review) -> None:
                 }
             )
     # What was flagged so far names the model's positions: map it with the trace.
-    _reindex(review, "criteria", moves)
+    review.reindex("criteria", moves)
     review.draft["criteria"] = ordered
     for position, cid in missing:
         review.flag(
@@ -324,7 +289,7 @@ def check_evidence_gaps(review: Review) -> None:
         entry["criterion_id"] = known.get(raw.casefold(), "")
         moves[index] = len(kept)
         kept.append(entry)
-    _reindex(review, "evidence_gaps", moves)
+    review.reindex("evidence_gaps", moves)
     covered = {entry["criterion_id"] for entry in kept}
     for item in review.draft.get("criteria") or []:
         cid = item.get("criterion_id")
@@ -396,7 +361,7 @@ def check_appeal(review: Review) -> None:
     data: PriorAuthInput = review.data
     appeal = review.draft.get("appeal") or []
     if data.prior_denial is None and appeal:
-        _reindex(review, "appeal", dict.fromkeys(range(len(appeal))))
+        review.reindex("appeal", dict.fromkeys(range(len(appeal))))
         review.draft["appeal"] = []
         review.flag(
             "appeal_not_requested",
