@@ -23,17 +23,22 @@ def serve(
     url: UrlOption = None,
 ) -> None:
     """Serve the model over HTTP until interrupted."""
+    import threading
+
     import uvicorn
 
     from coheara.engine import Engine
     from coheara.server.app import create_app
+    from coheara.tasks import icd10
 
+    # The ICD-10-CM table takes seconds to load: now, beside startup, not on the first SLM-02.
+    threading.Thread(target=icd10.preload, name="icd10-preload", daemon=True).start()
     settings = settings_for(backend, host=host, port=port)
     engine = Engine.from_config(model=model, url=url, settings=settings)
     app = create_app(engine, settings, close_engine=True)
     err_console.print(
         f"coheara serving {settings.backend} backend on http://{settings.host}:{settings.port} "
-        "(native /v1/generate, OpenAI /v1/chat/completions, Ollama /api/chat)",
+        "(native /v1/generate, tasks /v1/tasks, OpenAI /v1/chat/completions, Ollama /api/chat)",
         markup=False,
     )
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
