@@ -140,6 +140,8 @@ def run(
     spec = get_task(task)
     body = read_request(input_file)
     if output is Format.fhir:
+        if spec.to_fhir is None:
+            raise InvalidRequestError(f"{spec.id} has no FHIR form", hint="use --format json")
         body["fhir"] = True
     if max_tokens is not None:
         body["max_tokens"] = max_tokens

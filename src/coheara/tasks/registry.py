@@ -13,7 +13,7 @@ from coheara.tasks.spec import TaskSpec
 
 @cache
 def all_tasks() -> dict[str, TaskSpec]:
-    """Task id -> spec, in id order."""
+    """Task id -> spec: the SLM roles, then imaging reads, then extraction, each by id."""
     from coheara.tasks import roles
 
     found: dict[str, TaskSpec] = {}
@@ -25,7 +25,8 @@ def all_tasks() -> dict[str, TaskSpec]:
         if spec.id in found:
             raise RuntimeError(f"task id {spec.id} is declared twice")
         found[spec.id] = spec
-    return dict(sorted(found.items()))
+    order = {"SLM": 0, "IMG": 1, "EXT": 2}  # the six roles first, as the spec numbers them
+    return dict(sorted(found.items(), key=lambda kv: (order.get(kv[0][:3], 3), kv[0])))
 
 
 def get_task(task_id: str) -> TaskSpec:

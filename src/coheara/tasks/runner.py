@@ -86,6 +86,8 @@ async def run_task(
             where = ".".join(str(p) for p in first["loc"])
             raise InvalidRequestError(f"task request invalid: {where}: {first['msg']}") from None
     spec = task if isinstance(task, TaskSpec) else get_task(task or request.task or "")
+    if request.fhir and spec.to_fhir is None:
+        raise InvalidRequestError(f"{spec.id} has no FHIR form", hint="leave out fhir")
     data = validate_input(spec, request.input)
     sources = Sources.from_input(data, skip=spec.sources_skip)
     text = user_text(spec, data, request, sources)
@@ -165,8 +167,7 @@ async def run_task(
         ),
     )
     if request.fhir:
-        if spec.to_fhir is None:
-            raise InvalidRequestError(f"{spec.id} has no FHIR form")
+        assert spec.to_fhir is not None  # checked before the model was called
         response.fhir = spec.to_fhir(final, request)
     return response
 
