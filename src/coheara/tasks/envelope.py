@@ -27,7 +27,11 @@ class ArtifactContext(BaseModel):
     boundaries: str | None = Field(
         None, max_length=1000, description="What the draft must not do or cover."
     )
-    template: str | list[str] | None = Field(
+    template: (
+        Annotated[str, StringConstraints(max_length=2000)]
+        | Annotated[list[Annotated[str, StringConstraints(max_length=100)]], Field(max_length=32)]
+        | None
+    ) = Field(
         None,
         description="Free-text guidance, or the section names the draft must have in order.",
     )
