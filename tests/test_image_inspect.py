@@ -355,3 +355,23 @@ def test_bad_input_is_one_line_and_exit_4(
     assert not (tmp_path / "out.png").exists()
     assert picture.read_bytes() == before
     assert_no_canary(stderr)
+
+
+def test_a_slide_is_drawn_as_its_tissue_patches(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slide = np.full((896, 896 * 2, 3), 255, np.uint8)  # white background on the left
+    texture = np.random.default_rng(5).integers(0, 40, (896, 896, 3), dtype=np.uint8)
+    slide[:, 896:] = texture + np.array([120, 30, 110], np.uint8)  # tissue on the right
+    path = tmp_path / "slide.png"
+    Image.fromarray(slide).save(path)
+    out = tmp_path / "patches.png"
+    code, stdout, stderr = run(
+        capsys, monkeypatch, str(path), "--tiles", "--json", "--out", str(out)
+    )
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    assert (summary["kind"], summary["images"], summary["skipped_background"]) == ("tiles", 1, 1)
+    assert summary["positions"] == [[0, 1]]
+    code, _, stderr = run(capsys, monkeypatch, str(path), str(path), "--tiles", "--out", str(out))
+    assert code == 4 and "--tiles goes with one PATH" in stderr

@@ -47,6 +47,7 @@ def _prepared(
     preset: str | None,
     window: str | None,
     modality: str | None,
+    tiles: bool,
     image_limits: ImageLimits,
 ) -> Prepared | None:
     if prior is not None:
@@ -56,11 +57,14 @@ def _prepared(
             images[0], prior, preset=preset, window=parse_window(window), image_limits=image_limits
         )
     if not images:
-        if preset or window or modality:
-            raise InvalidRequestError("--preset, --window and --modality need an --image")
+        if preset or window or modality or tiles:
+            raise InvalidRequestError("--preset, --window, --modality and --tiles need an --image")
         return None
+    if tiles and len(images) != 1:
+        raise InvalidRequestError("--tiles goes with one --image (a slide picture)")
     return prepare(
-        images,
+        images[0] if tiles else images,
+        tiles=tiles,
         modality=modality,
         preset=preset,
         window=parse_window(window),
@@ -124,6 +128,13 @@ def ask(
     modality: Annotated[
         str | None, typer.Option("--modality", help="Force the CT or MR recipe on DICOM.")
     ] = None,
+    tiles: Annotated[
+        bool,
+        typer.Option(
+            "--tiles",
+            help="Cut the one --image (a pathology slide picture) into 896x896 tissue patches.",
+        ),
+    ] = False,
     backend: BackendOption = None,
     model: ModelOption = None,
     url: UrlOption = None,
@@ -135,7 +146,14 @@ def ask(
         loaded_schema = _load_schema(schema) if schema else None
         # Decoding a series or a large scan takes a while: off the event loop.
         prepared = await asyncio.to_thread(
-            _prepared, image or [], prior, preset, window, modality, settings.image_limits()
+            _prepared,
+            image or [],
+            prior,
+            preset,
+            window,
+            modality,
+            tiles,
+            settings.image_limits(),
         )
         async with Engine.from_config(model=model, url=url, settings=settings) as engine:
             result: GenerationResult | None = None

@@ -208,6 +208,9 @@ def inspect(
         Path | None,
         typer.Option("--prior", help="A prior study of the one PATH: drawn as the pair sent."),
     ] = None,
+    tiles: Annotated[
+        bool, typer.Option("--tiles", help="Cut the one PATH (a slide) into tissue patches.")
+    ] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the summary as JSON instead of a table.")
     ] = False,
@@ -228,7 +231,10 @@ def inspect(
     else:
         if max_slices is not None:
             options["max_slices"] = max_slices
-        prepared = prepare(list(paths), modality=modality, **options)
+        if tiles and len(paths) != 1:
+            raise InvalidRequestError("--tiles goes with one PATH (a slide picture)")
+        source = paths[0] if tiles else list(paths)
+        prepared = prepare(source, modality=modality, tiles=tiles, **options)
     drawn = preview.render(prepared, thumb=thumb, columns=columns)
     _write_png(drawn.image, out)
 
