@@ -5,8 +5,6 @@ the tiny random-weight model."""
 from __future__ import annotations
 
 import copy
-import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -14,30 +12,13 @@ import pytest
 from coheara.tasks import TaskRequest, get_task, review_draft
 from coheara.tasks.roles.slm04_alert import AlertDraft
 from coheara.tasks.roles.slm06_prior_auth import PriorAuthDraft
-from coheara.tasks.spec import Review
+from task_support import assert_envelope, assert_example, example, finding, rules, tiny, unbounded
 
 if TYPE_CHECKING:
     from coheara import Engine
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 ALERT = get_task("SLM-04")
 PRIOR_AUTH = get_task("SLM-06")
-LINK_STATUSES = {"verified", "verified_elsewhere", "unverified", "uncited", "unknown_source"}
-
-
-def example(name: str) -> dict[str, Any]:
-    body: dict[str, Any] = json.loads((EXAMPLES / name).read_text())
-    return body
-
-
-def rules(review: Review) -> list[str]:
-    return [f.rule for f in review.findings]
-
-
-def finding(review: Review, rule: str) -> str:
-    matches = [f for f in review.findings if f.rule == rule]
-    assert len(matches) == 1, rules(review)
-    return matches[0].message
 
 
 # ----- registry, examples, schemas --------------------------------------------------------
@@ -50,33 +31,13 @@ def finding(review: Review, rule: str) -> str:
 def test_example_is_a_valid_request_for_its_task(task_id: str, slug: str, file: str) -> None:
     spec = get_task(slug)
     assert (spec.id, spec.version) == (task_id, "1.0.0")
-    assert f"{spec.id.lower()}-{spec.slug}.json" == file
-    request = TaskRequest.model_validate(example(file))
-    spec.input_model.model_validate(request.input)
-    assert "Patient A" in json.dumps(request.input)  # synthetic placeholder, never a name
-
-
-def _unbounded(node: Any, path: str = "") -> list[str]:
-    found: list[str] = []
-    if isinstance(node, dict):
-        kind = node.get("type")
-        bounded = any(key in node for key in ("enum", "const", "maxLength", "pattern"))
-        if kind == "string" and not bounded:
-            found.append(path)
-        if kind == "array" and "maxItems" not in node:
-            found.append(path)
-        for key, inner in node.items():
-            found += _unbounded(inner, f"{path}/{key}")
-    elif isinstance(node, list):
-        for index, inner in enumerate(node):
-            found += _unbounded(inner, f"{path}/{index}")
-    return found
+    assert_example(spec, file)
 
 
 def test_output_schemas_bound_every_string_and_list() -> None:
     for spec in (ALERT, PRIOR_AUTH):
         schema = spec.output_model.model_json_schema()
-        assert _unbounded(schema) == [], spec.id
+        assert unbounded(schema) == [], spec.id
     assert ALERT.latency_target_ms == 3000
     assert PRIOR_AUTH.latency_target_ms is None
 
@@ -85,7 +46,7 @@ def test_output_schemas_bound_every_string_and_list() -> None:
 
 
 def alert_input(**alert: Any) -> dict[str, Any]:
-    data = copy.deepcopy(example("slm-04-alert.json")["input"])
+    data = copy.deepcopy(example("SLM-04")["input"])
     data["alert"].update(alert)
     return data
 
@@ -122,12 +83,13 @@ def test_a_critical_alert_is_never_downgraded_or_only_logged() -> None:
     )
     assert review.draft["severity"] == "critical"
     assert review.draft["recommendation"] == "present"
-    assert finding(review, "alert_downgrade_blocked") == (
+    assert finding(review, "alert_downgrade_blocked").message == (
         "the model said severity 'advisory'; enforced 'critical' because the input marks "
         "the alert critical"
     )
-    assert "the model said recommendation 'log'; enforced 'present'" in finding(
-        review, "alert_log_blocked"
+    assert (
+        "the model said recommendation 'log'; enforced 'present'"
+        in finding(review, "alert_log_blocked").message
     )
     AlertDraft.model_validate(review.draft)
 
@@ -155,14 +117,14 @@ def test_a_hard_constraint_is_restored_and_keeps_the_inputs_severity() -> None:
     assert {"hard_constraint_restored", "alert_downgrade_blocked", "alert_log_blocked"} <= set(
         rules(review)
     )
-    assert "hard constraint" in finding(review, "alert_downgrade_blocked")
+    assert "hard constraint" in finding(review, "alert_downgrade_blocked").message
 
 
 def test_a_hard_constraint_without_a_stated_severity_is_at_least_urgent() -> None:
     data = alert_input(severity=None, hard_constraint=True)
     review = review_draft(ALERT, data, alert_draft(severity="advisory", recommendation="present"))
     assert review.draft["severity"] == "urgent"
-    assert "no severity stated" in finding(review, "alert_downgrade_blocked")
+    assert "no severity stated" in finding(review, "alert_downgrade_blocked").message
 
 
 def test_a_downgrade_on_verified_evidence_stands_and_may_be_logged() -> None:
@@ -171,7 +133,7 @@ def test_a_downgrade_on_verified_evidence_stands_and_may_be_logged() -> None:
         ALERT, alert_input(), alert_draft(severity="advisory", recommendation="log")
     )
     assert (review.draft["severity"], review.draft["recommendation"]) == ("advisory", "log")
-    assert "lowered to 'advisory'" in finding(review, "alert_severity_contextualized")
+    assert "lowered to 'advisory'" in finding(review, "alert_severity_contextualized").message
     assert "alert_log_blocked" not in rules(review)
     assert review.verified("rationale")
 
@@ -185,10 +147,10 @@ def test_a_downgrade_resting_on_a_fabricated_quote_is_undone_and_presented() -> 
     review = review_draft(ALERT, alert_input(), draft)
     assert "quote_unverified" in rules(review)
     assert review.draft["severity"] == "urgent"
-    assert "not verified" in finding(review, "alert_downgrade_unsupported")
+    assert "not verified" in finding(review, "alert_downgrade_unsupported").message
     # The restored severity alone forbids logging it.
     assert review.draft["recommendation"] == "present"
-    assert "the draft's severity is 'urgent'" in finding(review, "alert_log_blocked")
+    assert "the draft's severity is 'urgent'" in finding(review, "alert_log_blocked").message
 
 
 def test_an_unverified_rationale_is_not_enough_to_only_log() -> None:
@@ -198,7 +160,7 @@ def test_an_unverified_rationale_is_not_enough_to_only_log() -> None:
     review = review_draft(ALERT, alert_input(severity="advisory"), draft)
     assert review.draft["severity"] == "advisory"
     assert review.draft["recommendation"] == "present"
-    assert finding(review, "alert_log_blocked").endswith(
+    assert finding(review, "alert_log_blocked").message.endswith(
         "because the rationale is not verified in the input"
     )
 
@@ -215,7 +177,7 @@ def test_an_invented_lab_value_makes_the_layer_present_the_alert() -> None:
         for f in review.findings
     )
     assert review.draft["recommendation"] == "present"
-    assert "error finding" in finding(review, "alert_log_blocked")
+    assert "error finding" in finding(review, "alert_log_blocked").message
 
 
 def test_no_patient_context_means_present() -> None:
@@ -230,10 +192,10 @@ def test_no_patient_context_means_present() -> None:
     }
     review = review_draft(ALERT, data, draft)
     # Urgent draft: logged is refused for that reason first.
-    assert "severity is 'urgent'" in finding(review, "alert_log_blocked")
+    assert "severity is 'urgent'" in finding(review, "alert_log_blocked").message
     draft["severity"] = "advisory"
     review = review_draft(ALERT, data, copy.deepcopy(draft) | {"recommendation": "log"})
-    message = finding(review, "alert_log_blocked")
+    message = finding(review, "alert_log_blocked").message
     assert "the input has no patient context" in message
     assert "no clinical context point is verified" in message
 
@@ -242,8 +204,9 @@ def test_a_hard_constraint_the_model_itself_finds_is_not_logged() -> None:
     draft = alert_draft(severity="advisory", recommendation="log", applies=True)
     review = review_draft(ALERT, alert_input(severity="advisory"), draft)
     assert review.draft["recommendation"] == "present"
-    assert "the draft itself finds that a hard constraint applies" in finding(
-        review, "alert_log_blocked"
+    assert (
+        "the draft itself finds that a hard constraint applies"
+        in finding(review, "alert_log_blocked").message
     )
 
 
@@ -257,7 +220,7 @@ def test_a_model_upgrade_to_critical_is_not_logged() -> None:
 
 # ----- SLM-06 on crafted drafts -----------------------------------------------------------
 
-PA_INPUT = example("slm-06-prior-auth.json")["input"]
+PA_INPUT = example("SLM-06")["input"]
 
 
 def assessment(cid: str, status: str, quote: str, sources: list[str]) -> dict[str, Any]:
@@ -316,7 +279,7 @@ def test_a_met_criterion_with_a_fabricated_quote_becomes_a_gap() -> None:
     criteria[1] = assessment("C2", "met", "failed 8 weeks of NSAIDs and injections", ["S18"])
     review = review_draft(PRIOR_AUTH, PA_INPUT, pa_draft(criteria))
     assert review.draft["criteria"][1]["status"] == "gap"
-    assert finding(review, "criterion_met_unverified") == (
+    assert finding(review, "criterion_met_unverified").message == (
         "the model said 'met' for criterion C2; enforced 'gap' because its evidence is not "
         "verified in the input"
     )
@@ -339,7 +302,7 @@ def test_the_payers_own_criterion_text_is_not_evidence() -> None:
         "verified"
     ]  # the quote is real, but it is the payer's words
     assert review.draft["criteria"][2]["status"] == "gap"
-    assert "only outside the documentation" in finding(review, "criterion_met_unverified")
+    assert "only outside the documentation" in finding(review, "criterion_met_unverified").message
 
 
 def test_a_partial_without_evidence_becomes_a_gap_and_one_with_evidence_stays() -> None:
@@ -364,8 +327,8 @@ def test_criteria_are_completed_ordered_and_cleaned_with_their_trace() -> None:
     assert [c["criterion_id"] for c in final] == ["C1", "C2", "C3", "C4"]
     assert [c["status"] for c in final] == ["met", "gap", "gap", "met"]
     assert final[1]["text"].startswith("EVIDENCE GAP")
-    assert "criterion 'C9'" in finding(review, "criterion_unknown")
-    assert finding(review, "criterion_repeated").startswith("criterion C4")
+    assert "criterion 'C9'" in finding(review, "criterion_unknown").message
+    assert finding(review, "criterion_repeated").message.startswith("criterion C4")
     missing = [f.element for f in review.findings if f.rule == "criterion_missing"]
     assert missing == ["criteria[1]", "criteria[2]"]
     # The trace follows the moves: criteria[3] is now the McMurray assessment.
@@ -397,13 +360,13 @@ def test_the_service_code_is_the_inputs() -> None:
     changed["requested_service"]["code"] = "73722"
     review = review_draft(PRIOR_AUTH, PA_INPUT, changed)
     assert review.draft["requested_service"]["code"] == "73721"
-    assert "enforced the input's code '73721'" in finding(review, "service_code_corrected")
+    assert "enforced the input's code '73721'" in finding(review, "service_code_corrected").message
 
     no_code = copy.deepcopy(PA_INPUT)
     del no_code["requested_service"]["code"]
     review = review_draft(PRIOR_AUTH, no_code, pa_draft(copy.deepcopy(FULL)))
     assert review.draft["requested_service"]["code"] == ""
-    assert "no code" in finding(review, "service_code_not_in_input")
+    assert "no code" in finding(review, "service_code_not_in_input").message
 
 
 def test_a_blank_service_line_takes_the_inputs_description() -> None:
@@ -448,7 +411,7 @@ def test_human_approval_is_always_required() -> None:
 def test_fhir_claim_is_a_preauthorization_draft_without_names() -> None:
     from fhir.resources.claim import Claim
 
-    body = example("slm-06-prior-auth.json")
+    body = example("SLM-06")
     review = review_draft(PRIOR_AUTH, body["input"], pa_draft(copy.deepcopy(FULL)))
     final = PriorAuthDraft.model_validate(review.draft)
     assert PRIOR_AUTH.to_fhir is not None
@@ -466,44 +429,19 @@ def test_fhir_claim_is_a_preauthorization_draft_without_names() -> None:
 # ----- end to end on the tiny model -------------------------------------------------------
 
 
-def tiny(tiny_engine: Engine) -> Engine:
-    from coheara import Engine, Settings
-
-    return Engine(
-        tiny_engine.backend,
-        Settings(extract_max_string=24, extract_max_items=2, max_output_tokens=600),
-    )
-
-
-def assert_envelope(response: Any, spec: Any, request_id: str) -> None:
-    assert response.task_id == spec.id
-    assert response.request_id == request_id
-    assert response.status == "draft" and response.requires_review is True
-    spec.output_model.model_validate(response.draft)
-    meta = response.metadata
-    assert (meta.task_version, meta.prompt_hash) == (spec.version, spec.prompt_hash)
-    assert meta.backend == "transformers"
-    assert meta.strategy in ("whole", "repaired", "field_by_field")
-    assert meta.latency_target_ms == spec.latency_target_ms
-    assert {link.status for link in response.trace} <= LINK_STATUSES
-    assert response.trace  # the shared checks traced the cited elements
-
-
 async def test_alert_end_to_end_enforces_a_critical_alert(tiny_engine: Engine) -> None:
     from coheara.tasks.runner import run_task
 
-    body = example("slm-04-alert.json")
+    body = example("SLM-04")
     body["input"]["alert"]["severity"] = "critical"
     body["max_tokens"] = 600
     response = await run_task(tiny(tiny_engine), body, task="SLM-04")
-    assert_envelope(response, ALERT, "example-slm04-0001")
+    assert_envelope(response, ALERT, body)
+    assert response.trace  # the shared checks traced the cited elements
     # Whatever random weights wrote, the enforced values hold.
     assert response.draft["severity"] == "critical"
     assert response.draft["recommendation"] in ("present", "escalate")
     assert set(response.confidence) == set(AlertDraft.model_fields)
-    for link in response.trace:
-        if link.status in ("uncited", "unverified", "unknown_source"):
-            assert any(f.element == link.element for f in response.validation.findings)
 
 
 async def test_prior_auth_end_to_end_with_fhir(tiny_engine: Engine) -> None:
@@ -511,10 +449,11 @@ async def test_prior_auth_end_to_end_with_fhir(tiny_engine: Engine) -> None:
 
     from coheara.tasks.runner import run_task
 
-    body = example("slm-06-prior-auth.json")
+    body = example("SLM-06")
     body["max_tokens"] = 800
     response = await run_task(tiny(tiny_engine), body, task="prior-auth")
-    assert_envelope(response, PRIOR_AUTH, "example-slm06-0001")
+    assert_envelope(response, PRIOR_AUTH, body)
+    assert response.trace
     draft = response.draft
     assert [c["criterion_id"] for c in draft["criteria"]] == ["C1", "C2", "C3", "C4"]
     assert draft["requested_service"]["code"] == "73721"
@@ -528,6 +467,3 @@ async def test_prior_auth_end_to_end_with_fhir(tiny_engine: Engine) -> None:
     assert response.fhir is not None
     claim = Claim.model_validate(response.fhir)
     assert (claim.use, claim.status) == ("preauthorization", "draft")
-    for link in response.trace:
-        if link.status in ("uncited", "unverified", "unknown_source"):
-            assert any(f.element == link.element for f in response.validation.findings)

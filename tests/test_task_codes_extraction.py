@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -19,47 +18,18 @@ from coheara.tasks.roles.ext_ehr import EhrFieldsDraft
 from coheara.tasks.roles.ext_lab import LabReportDraft
 from coheara.tasks.roles.slm02_codes import CodesDraft
 from coheara.tasks.spec import Review
+from task_support import assert_envelope, assert_example, example, rules, tiny, unbounded
 
 if TYPE_CHECKING:
     from coheara import Engine
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CODES = get_task("SLM-02")
 LAB = get_task("EXT-LAB")
 EHR = get_task("EXT-EHR")
-LINK_STATUSES = {"verified", "verified_elsewhere", "unverified", "uncited", "unknown_source"}
-
-
-def example(name: str) -> dict[str, Any]:
-    body: dict[str, Any] = json.loads((EXAMPLES / name).read_text())
-    return body
-
-
-def rules(review: Review) -> list[str]:
-    return [f.rule for f in review.findings]
 
 
 def messages(review: Review, rule: str) -> list[str]:
     return [f.message for f in review.findings if f.rule == rule]
-
-
-def _unbounded(node: Any, path: str = "") -> list[str]:
-    found: list[str] = []
-    if isinstance(node, dict):
-        kind = node.get("type")
-        bounded = "enum" in node or "maxLength" in node or "pattern" in node
-        if kind == "string" and not bounded:
-            found.append(path)
-        if kind == "array" and "maxItems" not in node:
-            found.append(path)
-        if kind == "object" and node.get("additionalProperties") is not False:
-            found.append(path)
-        for key, inner in node.items():
-            found += _unbounded(inner, f"{path}/{key}")
-    elif isinstance(node, list):
-        for index, inner in enumerate(node):
-            found += _unbounded(inner, f"{path}/{index}")
-    return found
 
 
 # ----- registry, examples, schemas --------------------------------------------------------
@@ -76,16 +46,13 @@ def _unbounded(node: Any, path: str = "") -> list[str]:
 def test_example_is_a_valid_request_for_its_task(task_id: str, slug: str, file: str) -> None:
     spec = get_task(slug)
     assert (spec.id, spec.version) == (task_id, "1.0.0")
-    assert f"{spec.id.lower()}-{spec.slug}.json" == file
-    request = TaskRequest.model_validate(example(file))
-    spec.input_model.model_validate(request.input)
-    assert "Patient A" in json.dumps(request.input)  # synthetic placeholder, never a name
+    assert_example(spec, file)
 
 
 def test_output_schemas_are_bounded_and_closed_and_hide_what_the_layer_fills() -> None:
     for spec in (CODES, LAB, EHR):
         schema = spec.output_model.model_json_schema()
-        assert _unbounded(schema) == [], spec.id
+        assert unbounded(schema, closed=True) == [], spec.id
     text = json.dumps(
         [s.output_model.model_json_schema() for s in (CODES, LAB, EHR)]
     )  # the model never writes these: the layer does
@@ -116,7 +83,7 @@ def test_icd10_table_lookup_normalizes_and_knows_leaves() -> None:
 
 
 def codes_input(**changes: Any) -> dict[str, Any]:
-    data = copy.deepcopy(example("slm-02-codes.json")["input"])
+    data = copy.deepcopy(example("SLM-02")["input"])
     data.update(changes)
     return data
 
@@ -288,7 +255,7 @@ def test_codes_fhir_is_a_bundle_of_provisional_icd10cm_conditions() -> None:
 
     echo = code("CPT", "93306", ["S7"], "Echocardiogram today")
     review = review_codes([HF, echo, DM], code_systems=["ICD-10-CM", "CPT"])
-    request = TaskRequest.model_validate(example("slm-02-codes.json"))
+    request = TaskRequest.model_validate(example("SLM-02"))
     fhir = CODES.to_fhir(CodesDraft.model_validate(review.draft), request)  # type: ignore[misc]
     bundle = Bundle.model_validate(fhir)
     assert bundle.type == "collection"
@@ -307,7 +274,7 @@ def test_codes_fhir_is_a_bundle_of_provisional_icd10cm_conditions() -> None:
 
 
 def lab_input() -> dict[str, Any]:
-    return copy.deepcopy(example("ext-lab-lab-report.json")["input"])
+    return copy.deepcopy(example("EXT-LAB")["input"])
 
 
 def row(
@@ -427,7 +394,7 @@ def test_lab_fhir_is_a_bundle_of_preliminary_observations_of_verified_results() 
     text_value = row("S15", "Specimen not hemolyzed", "Hemolysis", "not hemolyzed", date="")
     invented = row("S8", "Creatinine | 168", "Creatinine", "186", "umol/L")
     review = review_lab([K, TROP, text_value, invented])
-    request = TaskRequest.model_validate(example("ext-lab-lab-report.json"))
+    request = TaskRequest.model_validate(example("EXT-LAB"))
     fhir = LAB.to_fhir(LabReportDraft.model_validate(review.draft), request)  # type: ignore[misc]
     bundle = Bundle.model_validate(fhir)
     observations = [Observation.model_validate(e.resource.model_dump()) for e in bundle.entry]
@@ -449,7 +416,7 @@ def test_lab_fhir_is_a_bundle_of_preliminary_observations_of_verified_results() 
 
 
 def ehr_input(schema: dict[str, Any] | None = None) -> dict[str, Any]:
-    data = copy.deepcopy(example("ext-ehr-ehr-fields.json")["input"])
+    data = copy.deepcopy(example("EXT-EHR")["input"])
     if schema is not None:
         data["field_schema"] = schema
     return data
@@ -668,40 +635,15 @@ def test_unsupported_caller_schemas_are_refused_clearly(
 # ----- end to end on the tiny model -------------------------------------------------------
 
 
-def tiny(tiny_engine: Engine) -> Engine:
-    from coheara import Engine, Settings
-
-    return Engine(
-        tiny_engine.backend,
-        Settings(extract_max_string=24, extract_max_items=2, max_output_tokens=600),
-    )
-
-
-def assert_envelope(response: Any, spec: Any, request_id: str) -> None:
-    assert response.task_id == spec.id
-    assert response.request_id == request_id
-    assert response.status == "draft" and response.requires_review is True
-    spec.output_model.model_validate(response.draft)
-    meta = response.metadata
-    assert (meta.task_version, meta.prompt_hash) == (spec.version, spec.prompt_hash)
-    assert meta.backend == "transformers"
-    assert meta.strategy in ("whole", "repaired", "field_by_field")
-    assert meta.latency_target_ms == spec.latency_target_ms
-    assert {link.status for link in response.trace} <= LINK_STATUSES
-    for link in response.trace:  # nothing unverified passes silently
-        if link.status in ("uncited", "unverified", "unknown_source"):
-            assert any(f.element == link.element for f in response.validation.findings)
-
-
 async def test_codes_end_to_end_with_fhir(tiny_engine: Engine) -> None:
     from fhir.resources.bundle import Bundle
 
     from coheara.tasks.runner import run_task
 
-    body = example("slm-02-codes.json")
+    body = example("SLM-02")
     body["max_tokens"] = 600
     response = await run_task(tiny(tiny_engine), body, task="SLM-02")
-    assert_envelope(response, CODES, "example-slm-02-0001")
+    assert_envelope(response, CODES, body)
     # Whatever random weights wrote, what is left are real, billable, evidenced codes.
     for item in response.draft["codes"]:
         entry = icd10.lookup(item["code"])
@@ -714,10 +656,10 @@ async def test_lab_report_end_to_end_with_fhir(tiny_engine: Engine) -> None:
 
     from coheara.tasks.runner import run_task
 
-    body = example("ext-lab-lab-report.json")
+    body = example("EXT-LAB")
     body["max_tokens"] = 600
     response = await run_task(tiny(tiny_engine), body, task="lab-report")
-    assert_envelope(response, LAB, "example-ext-lab-0001")
+    assert_envelope(response, LAB, body)
     verified = {link.element for link in response.trace if link.status == "verified"}
     for index, result in enumerate(response.draft["results"]):
         if result["verified"]:
@@ -731,10 +673,10 @@ async def test_ehr_fields_end_to_end(tiny_engine: Engine) -> None:
 
     from coheara.tasks.runner import run_task
 
-    body = example("ext-ehr-ehr-fields.json")
+    body = example("EXT-EHR")
     body["max_tokens"] = 600
     response = await run_task(tiny(tiny_engine), body, task="EXT-EHR")
-    assert_envelope(response, EHR, "example-ext-ehr-0001")
+    assert_envelope(response, EHR, body)
     schema = body["input"]["field_schema"]
     names = {
         "admission_date",

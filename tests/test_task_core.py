@@ -14,12 +14,13 @@ import httpx
 import pytest
 from pydantic import BaseModel, Field
 
-from coheara import Engine, Settings
+from coheara import Engine
 from coheara.errors import InvalidRequestError, OutputValidationError, TaskNotFoundError
 from coheara.server import create_app
 from coheara.tasks import Review, Statement, TaskSpec, review_draft, run_task
 from coheara.tasks.sources import Sources, normalize, numbers_in
 from servers import serve
+from task_support import tiny
 
 
 class ToyInput(BaseModel):
@@ -220,8 +221,7 @@ def test_task_checks_correct_the_draft_in_code() -> None:
 
 @pytest.fixture(scope="module")
 def engine(tiny_engine: Engine) -> Engine:
-    settings = Settings(extract_max_string=24, extract_max_items=2)
-    return Engine(tiny_engine.backend, settings)
+    return tiny(tiny_engine)
 
 
 def test_a_task_runs_end_to_end_into_a_checked_draft(engine: Engine) -> None:

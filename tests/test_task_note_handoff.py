@@ -6,8 +6,6 @@ from __future__ import annotations
 import base64
 import copy
 import json
-import re
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -18,39 +16,21 @@ from coheara.tasks.roles import slm01_note, slm03_handoff
 from coheara.tasks.roles.slm01_note import HP, SOAP, NoteDraft
 from coheara.tasks.roles.slm03_handoff import HandoffDraft
 from coheara.tasks.spec import Review
+from task_support import assert_envelope, assert_example, example, resolve, rules, tiny, unbounded
 
 if TYPE_CHECKING:
     from coheara import Engine
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 NOTE = slm01_note.TASK
 HANDOFF = slm03_handoff.TASK
-LINK_STATUSES = {"verified", "verified_elsewhere", "unverified", "uncited", "unknown_source"}
-
-
-def example(name: str) -> dict[str, Any]:
-    body: dict[str, Any] = json.loads((EXAMPLES / name).read_text(encoding="utf-8"))
-    return body
 
 
 def st(text: str, sources: list[str] | None = None, quote: str = "") -> dict[str, Any]:
     return {"text": text, "sources": sources or [], "quote": quote}
 
 
-def rules(review: Review, element: str | None = None) -> list[str]:
-    return [f.rule for f in review.findings if element is None or f.element == element]
-
-
 def errors(review: Review) -> list[str]:
     return [f.rule for f in review.findings if f.severity == "error"]
-
-
-def resolve(draft: Any, path: str) -> Any:
-    """The value at a draft path such as `sections[1].statements[0].text`."""
-    value = draft
-    for name, index in re.findall(r"([A-Za-z_]+)|\[(\d+)\]", path):
-        value = value[name] if name else value[int(index)]
-    return value
 
 
 # ----- registry and examples ----------------------------------------------------------
@@ -68,27 +48,9 @@ def test_registry_finds_both_tasks_by_id_and_slug() -> None:
         json.dumps(described)  # the listing is plain JSON
 
 
-def _unbounded(node: Any, path: str = "$") -> list[str]:
-    found: list[str] = []
-    if isinstance(node, dict):
-        kind = node.get("type")
-        if kind == "string" and not ({"maxLength", "enum", "const"} & node.keys()):
-            pattern = node.get("pattern", "")
-            if not (pattern.startswith("^") and pattern.endswith("$") and "*" not in pattern):
-                found.append(path)
-        if kind == "array" and "maxItems" not in node:
-            found.append(path)
-        for key, inner in node.items():
-            found += _unbounded(inner, f"{path}.{key}")
-    elif isinstance(node, list):
-        for index, inner in enumerate(node):
-            found += _unbounded(inner, f"{path}[{index}]")
-    return found
-
-
 @pytest.mark.parametrize("spec", [NOTE, HANDOFF], ids=["note", "handoff"])
 def test_output_schemas_bound_every_string_and_list(spec: Any) -> None:
-    assert _unbounded(spec.output_model.model_json_schema()) == []
+    assert unbounded(spec.output_model.model_json_schema()) == []
 
 
 @pytest.mark.parametrize(
@@ -97,21 +59,18 @@ def test_output_schemas_bound_every_string_and_list(spec: Any) -> None:
     ids=["note", "handoff"],
 )
 def test_examples_are_valid_requests(spec: Any, name: str) -> None:
-    assert name == f"{spec.id.lower()}-{spec.slug}.json"
-    request = TaskRequest.model_validate(example(name))
-    spec.input_model.model_validate(request.input)
-    assert "Patient A" in json.dumps(request.input)  # synthetic, no real names
+    assert_example(spec, name)
 
 
 def test_inputs_reject_unknown_fields() -> None:
-    body = example("slm-01-note.json")["input"]
+    body = example("SLM-01")["input"]
     with pytest.raises(InvalidRequestError, match="SLM-01"):
         review_draft(NOTE, {**body, "diagnosis_hint": "x"}, {"sections": []})
 
 
 # ----- SLM-01 note -------------------------------------------------------------------
 
-NOTE_INPUT = example("slm-01-note.json")["input"]
+NOTE_INPUT = example("SLM-01")["input"]
 # S4 chief complaint, S10 problems[0], S14 allergy, S15 temperature, S16 heart rate,
 # S20 exam, S22/S24 orders, S25 clinician assessment, S26 clinician plan.
 
@@ -404,7 +363,7 @@ def test_words_the_input_itself_uses_are_not_flagged() -> None:
 def test_note_fhir_is_a_preliminary_document_reference() -> None:
     from fhir.resources.documentreference import DocumentReference
 
-    request = TaskRequest.model_validate(example("slm-01-note.json"))
+    request = TaskRequest.model_validate(example("SLM-01"))
     review = review_draft(NOTE, request.input, good_note())
     final = NoteDraft.model_validate(review.draft)
     assert NOTE.to_fhir is not None
@@ -426,7 +385,7 @@ def test_note_fhir_is_a_preliminary_document_reference() -> None:
 
 # ----- SLM-03 handoff ------------------------------------------------------------------
 
-HANDOFF_INPUT = example("slm-03-handoff.json")["input"]
+HANDOFF_INPUT = example("SLM-03")["input"]
 # S1 summary, S2 severity "Watcher", S12 SpO2 trend, S15 furosemide change, S16 event,
 # S17 pending BMP, S18 and S19 open items.
 
@@ -650,50 +609,12 @@ def test_a_gap_marker_becomes_a_gap() -> None:
 # ----- end to end on the tiny model -------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_engine: Engine) -> Engine:
-    """Capped strings and arrays, as a deployment would set them, so random weights end."""
-    from coheara import Engine, Settings
-
-    return Engine(
-        tiny_engine.backend,
-        Settings(extract_max_string=24, extract_max_items=2, max_output_tokens=900),
-    )
-
-
-def _check_envelope(response: Any, spec: Any, body: dict[str, Any]) -> None:
-    assert response.task_id == spec.id
-    assert response.request_id == body["request_id"]
-    assert response.clinical_event_id == body["clinical_event_id"]
-    assert response.patient_scope_id == body["patient_scope_id"]
-    assert response.status == "draft" and response.requires_review is True
-    spec.output_model.model_validate(response.draft)
-    meta = response.metadata
-    assert meta.task_version == spec.version
-    assert meta.prompt_hash == spec.prompt_hash
-    assert meta.strategy in ("whole", "repaired", "field_by_field")
-    assert meta.backend == "transformers"
-    assert meta.latency_target_ms == spec.latency_target_ms
-    assert meta.output_tokens > 0 and meta.prompt_tokens > 0
-    for link in response.trace:
-        assert link.status in LINK_STATUSES
-        resolve(response.draft, link.element)  # every link points into the final draft
-        if link.status == "uncited":
-            assert any(
-                f.rule == "statement_uncited" and f.element == link.element
-                for f in response.validation.findings
-            )
-    assert response.validation.passed == (
-        not any(f.severity == "error" for f in response.validation.findings)
-    )
-
-
-async def test_note_end_to_end_with_fhir(engine: Engine) -> None:
+async def test_note_end_to_end_with_fhir(tiny_engine: Engine) -> None:
     from fhir.resources.documentreference import DocumentReference
 
-    body = {**example("slm-01-note.json"), "max_tokens": 900}
-    response = await run_task(engine, body, task="SLM-01")
-    _check_envelope(response, NOTE, body)
+    body = {**example("SLM-01"), "max_tokens": 900}
+    response = await run_task(tiny(tiny_engine), body, task="SLM-01")
+    assert_envelope(response, NOTE, body)
     sections = response.draft["sections"]
     assert [s["name"] for s in sections] == list(SOAP)  # whatever the model wrote
     for j, section in enumerate(sections):
@@ -705,10 +626,10 @@ async def test_note_end_to_end_with_fhir(engine: Engine) -> None:
     assert resource.docStatus == "preliminary"
 
 
-async def test_handoff_end_to_end(engine: Engine) -> None:
-    body = {**example("slm-03-handoff.json"), "max_tokens": 900}
-    response = await run_task(engine, body, task="handoff")
-    _check_envelope(response, HANDOFF, body)
+async def test_handoff_end_to_end(tiny_engine: Engine) -> None:
+    body = {**example("SLM-03"), "max_tokens": 900}
+    response = await run_task(tiny(tiny_engine), body, task="handoff")
+    assert_envelope(response, HANDOFF, body)
     draft = response.draft
     assert draft["illness_severity"] == st("Watcher", ["S2"], "Watcher")  # never the model's
     carried = {

@@ -9,7 +9,6 @@ import base64
 import io
 import json
 import re
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,30 +23,10 @@ from coheara.tasks.envelope import TaskRequest
 from coheara.tasks.readability import count_sentences, flesch_kincaid, syllables_of, words_of
 from coheara.tasks.registry import get_task
 from coheara.tasks.runner import review_draft, run_task, validate_input
-from coheara.tasks.spec import Review, TaskSpec
+from task_support import assert_envelope, example, finding, rules, tiny
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 PLAIN = get_task("SLM-05")
 IMAGING = ("IMG-CXR", "IMG-CXR-PRIOR", "IMG-VOLUME", "IMG-DERM", "IMG-FUNDUS", "IMG-PATH")
-LINK_STATUSES = {"verified", "verified_elsewhere", "unverified", "uncited", "unknown_source"}
-
-
-def rules(review: Review) -> list[str]:
-    return [f.rule for f in review.findings]
-
-
-def finding(review: Review, rule: str) -> Any:
-    matches = [f for f in review.findings if f.rule == rule]
-    assert len(matches) == 1, (rule, rules(review))
-    return matches[0]
-
-
-def example(task_id: str) -> dict[str, Any]:
-    spec = get_task(task_id)
-    body: dict[str, Any] = json.loads(
-        (EXAMPLES / f"{spec.id.lower()}-{spec.slug}.json").read_text()
-    )
-    return body
 
 
 # ----- readability ---------------------------------------------------------------------------
@@ -515,40 +494,12 @@ def test_the_volume_example_is_a_real_four_slice_ct_series() -> None:
 # ----- end to end on the tiny model ----------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_engine: Engine) -> Engine:
-    return Engine(
-        tiny_engine.backend,
-        Settings(extract_max_string=24, extract_max_items=2, max_output_tokens=700),
-    )
-
-
-def check_envelope(spec: TaskSpec, body: dict[str, Any], response: Any) -> None:
-    assert response.task_id == spec.id and response.request_id == body["request_id"]
-    assert response.clinical_event_id == body.get("clinical_event_id")
-    assert response.status == "draft" and response.requires_review is True
-    spec.output_model.model_validate(response.draft)
-    meta = response.metadata
-    assert (meta.task_version, meta.prompt_hash) == (spec.version, spec.prompt_hash)
-    assert meta.backend == "transformers"
-    assert meta.strategy in ("whole", "repaired", "field_by_field")
-    assert meta.latency_target_ms == spec.latency_target_ms
-    assert all(link.status in LINK_STATUSES for link in response.trace)
-    uncited = {link.element for link in response.trace if link.status == "uncited"}
-    flagged = {f.element for f in response.validation.findings if f.rule == "statement_uncited"}
-    assert uncited == flagged
-    assert response.validation.passed == (
-        not any(f.severity == "error" for f in response.validation.findings)
-    )
-    assert set(response.confidence) == set(response.draft)
-
-
-def test_plain_language_runs_end_to_end(engine: Engine) -> None:
+def test_plain_language_runs_end_to_end(tiny_engine: Engine) -> None:
     from fhir.resources.documentreference import DocumentReference
 
     body = example("SLM-05") | {"fhir": True, "max_tokens": 500}
-    response = asyncio.run(run_task(engine, body, task="SLM-05"))
-    check_envelope(PLAIN, body, response)
+    response = asyncio.run(run_task(tiny(tiny_engine), body, task="SLM-05"))
+    assert_envelope(response, PLAIN, body)
     readability = response.draft["readability"]
     assert readability["target"] == 6.0
     assert readability["grade"] == flesch_kincaid(response.draft["plain_text"]).grade
@@ -573,13 +524,13 @@ def test_plain_language_runs_end_to_end(engine: Engine) -> None:
         ("IMG-PATH", 1),
     ],
 )
-def test_each_imaging_read_runs_end_to_end(engine: Engine, task_id: str, images: int) -> None:
+def test_each_imaging_read_runs_end_to_end(tiny_engine: Engine, task_id: str, images: int) -> None:
     from fhir.resources.diagnosticreport import DiagnosticReport
 
     spec = get_task(task_id)
     body = example(task_id) | {"fhir": True, "max_tokens": 400}
-    response = asyncio.run(run_task(engine, body, task=task_id))
-    check_envelope(spec, body, response)
+    response = asyncio.run(run_task(tiny(tiny_engine), body, task=task_id))
+    assert_envelope(response, spec, body)
     assert len(response.metadata.images) == images  # each image's provenance
     if task_id == "IMG-VOLUME":
         assert [p["slice_number"] for p in response.metadata.images] == [1, 2, 3, 4]

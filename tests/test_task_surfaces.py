@@ -17,18 +17,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from coheara import Engine, Settings
+from coheara import Engine
 from coheara.server import create_app
 from coheara.tasks import TaskRequest, TaskResponse, all_tasks
 from coheara.tasks.runner import validate_input
 from servers import serve
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-def example(task_id: str) -> dict[str, object]:
-    spec = all_tasks()[task_id]
-    return dict(json.loads((EXAMPLES / f"{spec.id.lower()}-{spec.slug}.json").read_text()))
+from task_support import EXAMPLES, assert_envelope, example, tiny
 
 
 def test_every_task_has_exactly_its_example_and_each_is_valid() -> None:
@@ -49,7 +43,7 @@ def test_the_six_roles_come_first() -> None:
 
 @pytest.fixture(scope="module")
 def http(tiny_engine: Engine) -> Iterator[httpx.Client]:
-    engine = Engine(tiny_engine.backend, Settings(extract_max_string=24, extract_max_items=2))
+    engine = tiny(tiny_engine)
     with serve(create_app(engine)) as url, httpx.Client(base_url=url, timeout=300) as client:
         yield client
 
@@ -61,9 +55,7 @@ def test_an_example_over_http_is_a_checked_draft(http: httpx.Client, task_id: st
     answer = http.post(f"/v1/tasks/{task_id}", json=body)
     assert answer.status_code == 200, answer.text
     response = TaskResponse.model_validate(answer.json())
-    assert (response.task_id, response.request_id) == (task_id, body["request_id"])
-    spec.output_model.model_validate(response.draft)
-    assert response.metadata.prompt_hash == spec.prompt_hash
+    assert_envelope(response, spec, body)
     assert response.metadata.model == Path(response.metadata.model).name  # never a path
     assert (response.fhir or {}).get("resourceType") or spec.to_fhir is None
     assert bool(response.metadata.images) == (spec.mode == "image")

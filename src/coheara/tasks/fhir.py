@@ -1,4 +1,4 @@
-"""What every FHIR form of a draft shares: the subject by opaque id, a collection Bundle.
+"""What every FHIR form of a draft shares: patient and encounter by opaque id, a Bundle.
 
 Resources are FHIR R5 (fhir.resources 8) and always drafts (preliminary, provisional,
 draft status): a clinician reviews them before anything is filed.
@@ -12,14 +12,34 @@ from typing import Any
 from coheara.tasks.envelope import TaskRequest
 
 
-def subject(request: TaskRequest) -> dict[str, Any]:
+def patient(request: TaskRequest) -> dict[str, Any] | None:
     """The patient a resource is about: the request's opaque patient scope, as an identifier
-    (it is not known to be a FHIR Patient id), never a name."""
-    if request.patient_scope_id:
-        return {
-            "identifier": {"system": "urn:coheara:patient-scope", "value": request.patient_scope_id}
-        }
-    return {"display": "patient of this request (no patient scope given)"}
+    (it is not known to be a FHIR Patient id), never a name; None without one."""
+    return _by_identifier("urn:coheara:patient-scope", request.patient_scope_id)
+
+
+def subject(request: TaskRequest) -> dict[str, Any]:
+    """`patient(request)` for a resource that must name its subject: a display saying so
+    when the request gives no patient scope."""
+    return patient(request) or {"display": "patient of this request (no patient scope given)"}
+
+
+def encounter(request: TaskRequest) -> dict[str, Any] | None:
+    """The request's clinical event, by its opaque id; None without one."""
+    return _by_identifier("urn:coheara:clinical-event", request.clinical_event_id)
+
+
+def _by_identifier(system: str, value: str | None) -> dict[str, Any] | None:
+    """A logical reference by the caller's opaque id (not known to be a FHIR resource id)."""
+    return {"identifier": {"system": system, "value": value}} if value else None
+
+
+REQUEST_SYSTEM = "urn:coheara:request"
+"""The identifier system of the request a resource was drafted for (its request_id)."""
+
+
+def request_identifier(request: TaskRequest) -> dict[str, Any]:
+    return {"system": REQUEST_SYSTEM, "value": request.request_id}
 
 
 def bundle(request: TaskRequest, resources: list[dict[str, Any]]) -> dict[str, Any]:
@@ -38,7 +58,7 @@ def bundle(request: TaskRequest, resources: list[dict[str, Any]]) -> dict[str, A
         {
             "resourceType": "Bundle",
             "type": "collection",
-            "identifier": {"system": "urn:coheara:request", "value": request.request_id},
+            "identifier": request_identifier(request),
             "entry": entries or None,
         }
     )

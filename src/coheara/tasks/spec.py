@@ -10,10 +10,9 @@ generation defaults, the latency target and an optional FHIR mapping.
 from __future__ import annotations
 
 import hashlib
-import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, Field, StringConstraints
 
@@ -53,6 +52,13 @@ class Statement(Cited):
 
 
 GAP_MARKERS = ("INSUFFICIENT DATA", "DOCUMENTATION GAP", "EVIDENCE GAP")
+
+
+def is_gap_marker(text: str) -> bool:
+    """Whether a text is the model saying what is missing (`INSUFFICIENT DATA: x`...):
+    a gap, not a claim to check."""
+    return text.strip().upper().startswith(GAP_MARKERS)
+
 
 CITATION_RULES = (
     "Use only the SOURCES below. For every statement, put the ids of the SOURCES items it "
@@ -97,55 +103,70 @@ class Review:
         """The trace status of one cited element ("uncited" when it has no link)."""
         return next((link.status for link in self.links if link.element == element), "uncited")
 
+    def move(self, moves: Mapping[str, str | None]) -> None:
+        """After a check moved, merged or removed elements of the draft, re-path the trace,
+        findings and gaps that speak of an element (or of what lies inside it) to its new
+        path, all moves at once so that a reorder cannot collide; the longest moved path
+        an element lies in wins. An element moved to None was removed: what was said
+        about it goes too (the draft no longer states it)."""
+
+        def where(element: str | None) -> tuple[bool, str | None]:
+            old = max((path for path in moves if _within(element, path)), key=len, default=None)
+            if element is None or old is None:
+                return True, element
+            new = moves[old]
+            return (False, None) if new is None else (True, new + element[len(old) :])
+
+        def moved(items: list[_Located]) -> list[_Located]:
+            return [
+                item.model_copy(update={"element": element})
+                for item in items
+                for keep, element in [where(item.element)]
+                if keep
+            ]
+
+        self.links[:] = moved(self.links)
+        self.findings[:] = moved(self.findings)
+        self.gaps[:] = moved(self.gaps)
+
     def reindex(self, section: str, mapping: dict[int, int | None]) -> None:
         """After a check removed, merged or reordered the entries of `draft[section]`, make
         the trace, findings and gaps point at the entries' new places. An entry mapped to
         None was removed: its links and gaps go (the draft no longer states it); its
         findings stay, without an element, naming the model's item."""
-        pattern = re.compile(rf"^{re.escape(section)}\[(\d+)\](?=$|[.\[])")
-
-        def moved(element: str | None) -> tuple[bool, str | None]:
-            match = pattern.match(element or "")
-            if element is None or match is None:
-                return False, element
-            new = mapping.get(int(match.group(1)), int(match.group(1)))
-            if new is None:
-                return True, None
-            return False, f"{section}[{new}]{element[match.end() :]}"
-
-        self.links[:] = [
-            link.model_copy(update={"element": element})
-            for link in self.links
-            for removed, element in [moved(link.element)]
-            if not removed
+        removed = [f"{section}[{old}]" for old, new in mapping.items() if new is None]
+        self.findings[:] = [
+            finding.model_copy(
+                update={
+                    "element": None,
+                    "message": f"(model's {finding.element}, removed) {finding.message}",
+                }
+            )
+            if any(_within(finding.element, path) for path in removed)
+            else finding
+            for finding in self.findings
         ]
-        findings = []
-        for finding in self.findings:
-            removed, element = moved(finding.element)
-            if removed:
-                message = f"(model's {finding.element}, removed) {finding.message}"
-                findings.append(finding.model_copy(update={"element": None, "message": message}))
-            else:
-                findings.append(finding.model_copy(update={"element": element}))
-        self.findings[:] = findings
-        self.gaps[:] = [
-            gap.model_copy(update={"element": element})
-            for gap in self.gaps
-            for removed, element in [moved(gap.element)]
-            if not removed
-        ]
+        self.move(
+            {
+                f"{section}[{old}]": None if new is None else f"{section}[{new}]"
+                for old, new in mapping.items()
+            }
+        )
 
     def verified(self, element_prefix: str) -> bool:
         """Whether every cited element under `element_prefix` has a verified quote."""
-        links = [
-            link
-            for link in self.links
-            if link.element == element_prefix
-            or link.element.startswith((element_prefix + ".", element_prefix + "["))
-        ]
+        links = [link for link in self.links if _within(link.element, element_prefix)]
         return bool(links) and all(
             link.status in ("verified", "verified_elsewhere") for link in links
         )
+
+
+_Located = TypeVar("_Located", TraceLink, Finding, Gap)
+
+
+def _within(element: str | None, path: str) -> bool:
+    """Whether `element` is the draft element at `path` or lies inside it."""
+    return element is not None and (element == path or element.startswith((path + ".", path + "[")))
 
 
 Check = Callable[[Review], None]

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from coheara.tasks.envelope import SectionConfidence, TraceLink
 from coheara.tasks.sources import numbers_in
-from coheara.tasks.spec import GAP_MARKERS, Review
+from coheara.tasks.spec import GAP_MARKERS, Review, is_gap_marker
 
 _MARKER = re.compile(
     r"\b("
@@ -54,10 +54,6 @@ def _elements(value: Any, path: str = "") -> Iterator[tuple[str, Any]]:
             yield from _elements(inner, f"{path}[{index}]")
 
 
-def _is_marker(text: str) -> bool:
-    return any(text.strip().upper().startswith(marker) for marker in GAP_MARKERS)
-
-
 def _statement_text(element: dict[str, Any]) -> str:
     """The words an element states, besides its citation."""
     return " ".join(
@@ -74,7 +70,7 @@ def trace_citations(review: Review) -> None:
         quote = str(element.get("quote") or "")
         text = _statement_text(element)
         if not cited and not quote.strip():
-            markers = any(_is_marker(v) for k, v in element.items() if isinstance(v, str))
+            markers = any(is_gap_marker(v) for k, v in element.items() if isinstance(v, str))
             if text and not markers:
                 review.links.append(TraceLink(element=path, sources=[], status="uncited"))
                 review.flag(
@@ -129,7 +125,7 @@ def check_numbers(review: Review) -> None:
     known = review.sources.numbers()
     exempt = set(review.spec.number_exempt)
     for path, element in _elements(review.draft):
-        if not isinstance(element, str) or _last_key(path) in exempt or _is_marker(element):
+        if not isinstance(element, str) or _last_key(path) in exempt or is_gap_marker(element):
             continue
         invented = sorted(numbers_in(element) - known)
         if invented:

@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, Field
 
 from coheara.errors import ImageError
+from coheara.tasks import fhir
 from coheara.tasks.sources import numbers_in
-from coheara.tasks.spec import GAP_MARKERS, Review, Statement
+from coheara.tasks.spec import Review, Statement, is_gap_marker
 
 if TYPE_CHECKING:
     from coheara.imaging.limits import ImageLimits
@@ -119,6 +120,12 @@ def history_note() -> str:
         "on the read; the citation rules below apply to relevant_history only. If SOURCES "
         "has none, leave relevant_history empty."
     )
+
+
+def lines(*parts: str) -> str:
+    """A read's instruction: its parts one a line, less those with nothing to say (the
+    input's context lines may be empty)."""
+    return "\n".join(part for part in parts if part)
 
 
 def context_lines(data: BaseModel, labels: dict[str, str]) -> str:
@@ -262,10 +269,6 @@ _LABEL = re.compile(
 """Image, slice and patch labels and ordinals: references, not measurements."""
 
 
-def _is_marker(text: str) -> bool:
-    return any(text.strip().upper().startswith(marker) for marker in GAP_MARKERS)
-
-
 def _image_texts(draft: dict[str, Any]) -> list[tuple[str, str]]:
     """(path, text) of every image-derived string of the draft."""
     out: list[tuple[str, str]] = []
@@ -290,7 +293,7 @@ def check_image_numbers(review: Review) -> None:
     """A number in image-derived text that the input does not hold cannot be verified."""
     known = review.sources.numbers()
     for path, text in _image_texts(review.draft):
-        if _is_marker(text):
+        if is_gap_marker(text):
             continue
         unverified = sorted(numbers_in(_LABEL.sub(" ", text)) - known)
         if unverified:
@@ -383,10 +386,10 @@ def fhir_builder(
             notes.append({"text": f"Limitations: {draft.limitations}"})
         body: dict[str, Any] = {
             "status": "preliminary",
-            "identifier": [{"system": "urn:coheara:request-id", "value": request.request_id}],
+            "identifier": [fhir.request_identifier(request)],
             "code": {"text": f"{title} (draft by {task_id})"},
-            "subject": _reference("urn:coheara:patient-scope", request.patient_scope_id),
-            "encounter": _reference("urn:coheara:clinical-event", request.clinical_event_id),
+            "subject": fhir.patient(request),
+            "encounter": fhir.encounter(request),
             "conclusion": draft.impression or None,
             "note": notes or None,
         }
@@ -398,11 +401,6 @@ def fhir_builder(
         return resource.model_dump(mode="json", exclude_none=True)
 
     return to_fhir
-
-
-def _reference(system: str, value: str | None) -> dict[str, Any] | None:
-    """A logical reference by the caller's opaque id (not known to be a FHIR resource id)."""
-    return {"identifier": {"system": system, "value": value}} if value else None
 
 
 def _extra_notes(draft: Any) -> list[dict[str, str]]:

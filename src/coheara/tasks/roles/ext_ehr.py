@@ -36,7 +36,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from coheara.tasks.envelope import ArtifactContext
 from coheara.tasks.sources import normalize, numbers_in
-from coheara.tasks.spec import GAP_MARKERS, Cited, Review, TaskSpec
+from coheara.tasks.spec import Cited, Review, TaskSpec, is_gap_marker
 
 MAX_FIELDS = 60
 MAX_DEPTH = 3
@@ -277,10 +277,6 @@ def _cited_has_number(review: Review, entry: dict[str, Any]) -> bool:
     return False
 
 
-def _is_marker(value: str) -> bool:
-    return any(value.strip().upper().startswith(marker) for marker in GAP_MARKERS)
-
-
 def _set(record: dict[str, Any], name: str, value: Any) -> None:
     *parents, last = name.split(".")
     for part in parents:
@@ -335,7 +331,7 @@ def check_fields(review: Review) -> None:
             continue
         entry["name"] = leaf.name
         value = str(entry.get("value", ""))
-        if _is_marker(value):
+        if is_gap_marker(value):
             # The model says the text does not state it: a gap, not an entry of the draft.
             said_missing.setdefault(leaf.name, value.strip()[:300])
             review.findings[:] = [

@@ -352,6 +352,7 @@ def to_fhir(draft: BaseModel, request: TaskRequest) -> dict[str, Any]:
             ],
             "code": {"text": result.test},
             "subject": fhir.subject(request),
+            "encounter": fhir.encounter(request),
             "note": [{"text": f'Draft extracted from a lab report, for review: "{result.quote}"'}],
         }
         quantity = _quantity(result.value, result.unit)
@@ -369,13 +370,6 @@ def to_fhir(draft: BaseModel, request: TaskRequest) -> dict[str, Any]:
         when = _iso_date(result.date or str(request.input.get("collected") or ""))
         if when is not None:
             resource["effectiveDateTime"] = when
-        if request.clinical_event_id:
-            resource["encounter"] = {
-                "identifier": {
-                    "system": "urn:coheara:clinical-event",
-                    "value": request.clinical_event_id,
-                }
-            }
         resources.append(
             Observation.model_validate(resource).model_dump(mode="json", exclude_none=True)
         )

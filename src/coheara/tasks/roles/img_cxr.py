@@ -20,6 +20,7 @@ from coheara.tasks.roles._imaging import (
     context_lines,
     fhir_builder,
     history_note,
+    lines,
     single_images,
     system_prompt,
 )
@@ -51,23 +52,19 @@ SYSTEM_PROMPT = system_prompt(
 
 def _instruction(data: Any, context: ArtifactContext | None) -> str:
     given = context_lines(data, {"view": "View", "question": "Clinical question"})
-    return "\n".join(
-        part
-        for part in (
-            "Read the chest X-ray (image 1; a second image, if given, is the lateral view).",
-            given,
-            "Review in turn: lines and tubes; trachea and airway; lungs and pleura; heart "
-            "size and mediastinum; hila; diaphragm and costophrenic angles; bones and soft "
-            "tissues.",
-            "- image_quality: adequate, limited or non-diagnostic.",
-            "- findings: one entry per observation, abnormal and pertinent normal, each "
-            "with its location.",
-            "- impression: the most important findings in one to three sentences, most "
-            "important first. Answer the clinical question if one is given.",
-            "- limitations: projection, rotation, inspiration, anything not assessable.",
-            history_note(),
-        )
-        if part
+    return lines(
+        "Read the chest X-ray (image 1; a second image, if given, is the lateral view).",
+        given,
+        "Review in turn: lines and tubes; trachea and airway; lungs and pleura; heart "
+        "size and mediastinum; hila; diaphragm and costophrenic angles; bones and soft "
+        "tissues.",
+        "- image_quality: adequate, limited or non-diagnostic.",
+        "- findings: one entry per observation, abnormal and pertinent normal, each "
+        "with its location.",
+        "- impression: the most important findings in one to three sentences, most "
+        "important first. Answer the clinical question if one is given.",
+        "- limitations: projection, rotation, inspiration, anything not assessable.",
+        history_note(),
     )
 
 

@@ -22,6 +22,7 @@ from coheara.tasks.roles._imaging import (
     context_lines,
     fhir_builder,
     history_note,
+    lines,
     prepare_current_prior,
     system_prompt,
 )
@@ -87,23 +88,18 @@ SYSTEM_PROMPT = system_prompt(
 
 def _instruction(data: Any, context: ArtifactContext | None) -> str:
     given = context_lines(data, {"interval": "Interval", "question": "Clinical question"})
-    return "\n".join(
-        part
-        for part in (
-            "Compare the CURRENT chest X-ray with the PRIOR one (both labelled above).",
-            given,
-            "- image_quality: whether both studies allow a comparison.",
-            "- findings: the findings on the CURRENT study, each with its location.",
-            "- changes: for each finding on either study, its status from PRIOR to "
-            "CURRENT: new, worse, improved, unchanged, resolved or uncertain (when "
-            "positioning or technique differ too much to say).",
-            "- impression: what changed, most important first; answer the clinical "
-            "question if one is given.",
-            "- limitations: differences in projection, rotation or inspiration between "
-            "the studies.",
-            history_note() + " A prior report in SOURCES is history too: cite it there.",
-        )
-        if part
+    return lines(
+        "Compare the CURRENT chest X-ray with the PRIOR one (both labelled above).",
+        given,
+        "- image_quality: whether both studies allow a comparison.",
+        "- findings: the findings on the CURRENT study, each with its location.",
+        "- changes: for each finding on either study, its status from PRIOR to "
+        "CURRENT: new, worse, improved, unchanged, resolved or uncertain (when "
+        "positioning or technique differ too much to say).",
+        "- impression: what changed, most important first; answer the clinical "
+        "question if one is given.",
+        "- limitations: differences in projection, rotation or inspiration between the studies.",
+        history_note() + " A prior report in SOURCES is history too: cite it there.",
     )
 
 

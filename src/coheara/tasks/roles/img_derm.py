@@ -18,6 +18,7 @@ from coheara.tasks.roles._imaging import (
     context_lines,
     fhir_builder,
     history_note,
+    lines,
     single_images,
     system_prompt,
 )
@@ -46,23 +47,19 @@ def _instruction(data: Any, context: ArtifactContext | None) -> str:
     given = context_lines(
         data, {"body_site": "Body site", "duration": "Duration", "question": "Clinical question"}
     )
-    return "\n".join(
-        part
-        for part in (
-            "Describe the skin photographs (image 1 first; further images may be close-ups "
-            "or dermoscopy of the same lesion).",
-            given,
-            "- image_quality: adequate, limited or non-diagnostic (focus, lighting, framing).",
-            "- findings: primary morphology (macule, papule, plaque, nodule, vesicle, "
-            "bulla, pustule, ulcer, ...), colour, border, surface change, configuration and "
-            "distribution, each with its location; sizes in words only.",
-            "- impression: the key features; you may name conditions the features are "
-            "consistent with, as considerations for the clinician, never as a diagnosis. "
-            "Name features that need prompt in-person review if present.",
-            "- limitations: what a photograph cannot show (palpation, other sites).",
-            history_note(),
-        )
-        if part
+    return lines(
+        "Describe the skin photographs (image 1 first; further images may be close-ups "
+        "or dermoscopy of the same lesion).",
+        given,
+        "- image_quality: adequate, limited or non-diagnostic (focus, lighting, framing).",
+        "- findings: primary morphology (macule, papule, plaque, nodule, vesicle, "
+        "bulla, pustule, ulcer, ...), colour, border, surface change, configuration and "
+        "distribution, each with its location; sizes in words only.",
+        "- impression: the key features; you may name conditions the features are "
+        "consistent with, as considerations for the clinician, never as a diagnosis. "
+        "Name features that need prompt in-person review if present.",
+        "- limitations: what a photograph cannot show (palpation, other sites).",
+        history_note(),
     )
 
 

@@ -18,6 +18,7 @@ from coheara.tasks.roles._imaging import (
     context_lines,
     fhir_builder,
     history_note,
+    lines,
     single_images,
     system_prompt,
 )
@@ -45,23 +46,19 @@ SYSTEM_PROMPT = system_prompt(
 
 def _instruction(data: Any, context: ArtifactContext | None) -> str:
     given = context_lines(data, {"eye": "Eye", "question": "Clinical question"})
-    return "\n".join(
-        part
-        for part in (
-            "Describe the fundus photographs (with two images, image 1 is the right eye "
-            "and image 2 the left).",
-            given,
-            "- image_quality: adequate, limited or non-diagnostic (focus, media opacity, field).",
-            "- findings: optic disc (colour, margins, cupping in words), macula and fovea, "
-            "vessels (calibre, crossing changes), and any haemorrhages, microaneurysms, "
-            "exudates, cotton wool spots, new vessels, detachment or pigment change; each "
-            "with its location and eye.",
-            "- impression: the key findings; you may name conditions they are consistent "
-            "with, as considerations for the clinician, never as a diagnosis or a grade.",
-            "- limitations: field of view, periphery not seen, quality.",
-            history_note(),
-        )
-        if part
+    return lines(
+        "Describe the fundus photographs (with two images, image 1 is the right eye "
+        "and image 2 the left).",
+        given,
+        "- image_quality: adequate, limited or non-diagnostic (focus, media opacity, field).",
+        "- findings: optic disc (colour, margins, cupping in words), macula and fovea, "
+        "vessels (calibre, crossing changes), and any haemorrhages, microaneurysms, "
+        "exudates, cotton wool spots, new vessels, detachment or pigment change; each "
+        "with its location and eye.",
+        "- impression: the key findings; you may name conditions they are consistent "
+        "with, as considerations for the clinician, never as a diagnosis or a grade.",
+        "- limitations: field of view, periphery not seen, quality.",
+        history_note(),
     )
 
 

@@ -22,6 +22,7 @@ from coheara.tasks.roles._imaging import (
     context_lines,
     fhir_builder,
     history_note,
+    lines,
     prepare_patches,
     system_prompt,
 )
@@ -52,22 +53,17 @@ def _instruction(data: Any, context: ArtifactContext | None) -> str:
     given = context_lines(
         data, {"specimen": "Specimen", "stain": "Stain", "question": "Clinical question"}
     )
-    return "\n".join(
-        part
-        for part in (
-            "Describe the pathology patches above (labelled PATCH n, in spatial order).",
-            given,
-            "- image_quality: adequate, limited or non-diagnostic (focus, tissue amount, "
-            "artefact).",
-            "- findings: tissue type, architecture, cellular and nuclear features, "
-            "inflammation, necrosis, mitoses described in words; location names the "
-            "PATCH label(s).",
-            "- impression: the key features; you may name what they are consistent with, "
-            "as considerations for the pathologist, never as a final diagnosis or grade.",
-            "- limitations: patches only (no whole slide), magnification unknown, stain.",
-            history_note(),
-        )
-        if part
+    return lines(
+        "Describe the pathology patches above (labelled PATCH n, in spatial order).",
+        given,
+        "- image_quality: adequate, limited or non-diagnostic (focus, tissue amount, artefact).",
+        "- findings: tissue type, architecture, cellular and nuclear features, "
+        "inflammation, necrosis, mitoses described in words; location names the "
+        "PATCH label(s).",
+        "- impression: the key features; you may name what they are consistent with, "
+        "as considerations for the pathologist, never as a final diagnosis or grade.",
+        "- limitations: patches only (no whole slide), magnification unknown, stain.",
+        history_note(),
     )
 
 

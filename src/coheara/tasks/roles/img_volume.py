@@ -22,6 +22,7 @@ from coheara.tasks.roles._imaging import (
     context_lines,
     fhir_builder,
     history_note,
+    lines,
     prepare_volume,
     system_prompt,
 )
@@ -55,21 +56,17 @@ def _instruction(data: Any, context: ArtifactContext | None) -> str:
         data,
         {"body_region": "Region", "contrast": "Contrast", "question": "Clinical question"},
     )
-    return "\n".join(
-        part
-        for part in (
-            "Write a preliminary read of the volume above: its slices are in anatomical "
-            "order, each labelled SLICE n (only a sample of the series may be shown).",
-            given,
-            "- image_quality: adequate, limited or non-diagnostic (coverage, artefact).",
-            "- findings: one entry per observation, abnormal and pertinent normal, organ by "
-            "organ; location gives the anatomy and the SLICE label(s) where it is seen.",
-            "- impression: the most important findings, most important first; answer the "
-            "clinical question if one is given.",
-            "- limitations: sampled slices, no contrast, coverage, artefacts.",
-            history_note(),
-        )
-        if part
+    return lines(
+        "Write a preliminary read of the volume above: its slices are in anatomical "
+        "order, each labelled SLICE n (only a sample of the series may be shown).",
+        given,
+        "- image_quality: adequate, limited or non-diagnostic (coverage, artefact).",
+        "- findings: one entry per observation, abnormal and pertinent normal, organ by "
+        "organ; location gives the anatomy and the SLICE label(s) where it is seen.",
+        "- impression: the most important findings, most important first; answer the "
+        "clinical question if one is given.",
+        "- limitations: sampled slices, no contrast, coverage, artefacts.",
+        history_note(),
     )
 
 

@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from coheara.errors import InvalidRequestError
-from coheara.tasks.envelope import ArtifactContext, Finding, Gap, TraceLink
+from coheara.tasks import fhir
+from coheara.tasks.envelope import ArtifactContext, TraceLink
 from coheara.tasks.sources import normalize
-from coheara.tasks.spec import GAP_MARKERS, Review, Statement, TaskSpec
+from coheara.tasks.spec import Review, Statement, TaskSpec, is_gap_marker
 
 if TYPE_CHECKING:
     from coheara.tasks.envelope import TaskRequest
@@ -235,9 +235,6 @@ def instruction(data: Any, context: ArtifactContext | None) -> str:
 
 # ----- checks ------------------------------------------------------------------------------
 
-_Moves = dict[tuple[int, int | None], str | None]
-_PATH = re.compile(r"^sections\[(\d+)\](?:\.statements\[(\d+)\])?(.*)$", re.S)
-
 
 def check_sections(review: Review) -> None:
     """Exactly the required sections, in order, under their required names: the model's
@@ -247,15 +244,14 @@ def check_sections(review: Review) -> None:
     index = {_key(name): j for j, name in enumerate(names)}
     rebuilt: list[dict[str, Any]] = [{"name": name, "statements": []} for name in names]
     seen: list[int] = []
-    moves: _Moves = {}
+    moves: dict[str, str | None] = {}
     blank = 0
     notes: list[tuple[str, str, str | None, Literal["warning", "info"]]] = []
     for i, section in enumerate(review.draft.get("sections") or []):
         statements = list(section.get("statements") or [])
         j = _match(str(section.get("name") or ""), index)
         if j is None:
-            moves[(i, None)] = None
-            moves.update({(i, k): None for k in range(len(statements))})
+            moves[f"sections[{i}]"] = None
             notes.append(
                 (
                     "section_unexpected",
@@ -276,15 +272,16 @@ def check_sections(review: Review) -> None:
                 )
             )
         seen.append(j)
-        moves[(i, None)] = f"sections[{j}]"
+        moves[f"sections[{i}]"] = f"sections[{j}]"
         target = rebuilt[j]["statements"]
         for k, statement in enumerate(statements):
+            model_path = f"sections[{i}].statements[{k}]"
             if not str(statement.get("text") or "").strip():
-                moves[(i, k)] = None
+                moves[model_path] = None
                 blank += 1
                 continue
             if len(target) >= MAX_STATEMENTS:
-                moves[(i, k)] = None
+                moves[model_path] = None
                 notes.append(
                     (
                         "statements_dropped",
@@ -294,9 +291,9 @@ def check_sections(review: Review) -> None:
                     )
                 )
                 continue
-            moves[(i, k)] = f"sections[{j}].statements[{len(target)}]"
+            moves[model_path] = f"sections[{j}].statements[{len(target)}]"
             target.append(statement)
-    _relocate(review, moves)
+    review.move(moves)
     firsts = list(dict.fromkeys(seen))
     if firsts != sorted(firsts):
         notes.append(("sections_reordered", "sections put in the required order", None, "info"))
@@ -318,44 +315,6 @@ def check_sections(review: Review) -> None:
             review.flag("section_missing", f"'{names[j]}' was missing; added", element=path)
             review.gap("missing_section", f"{names[j]}: not drafted", element=path)
     review.draft["sections"] = rebuilt
-
-
-def _relocate(review: Review, moves: _Moves) -> None:
-    """Point the trace, findings and gaps at where their elements now are; drop those
-    whose element was removed (they describe content no longer in the draft)."""
-
-    def where(path: str | None) -> tuple[bool, str | None]:
-        match = _PATH.match(path or "")
-        if match is None:
-            return True, path
-        i, k, rest = int(match[1]), match[2], match[3]
-        key = (i, int(k)) if k is not None else (i, None)
-        if key not in moves:
-            return True, path
-        new = moves[key]
-        return (False, None) if new is None else (True, new + rest)
-
-    review.links[:] = _moved(review.links, where)
-    review.findings[:] = _moved(review.findings, where)
-    review.gaps[:] = _moved(review.gaps, where)
-
-
-_Located = TypeVar("_Located", TraceLink, Finding, Gap)
-
-
-def _moved(
-    items: list[_Located], where: Callable[[str | None], tuple[bool, str | None]]
-) -> list[_Located]:
-    kept = []
-    for item in items:
-        keep, path = where(item.element)
-        if keep:
-            if isinstance(item, TraceLink):
-                item.element = path or item.element
-            else:
-                item.element = path
-            kept.append(item)
-    return kept
 
 
 _PROGNOSIS = re.compile(
@@ -394,7 +353,7 @@ def check_no_decisions(review: Review) -> None:
         plan = bool(_PLAN_NAME.search(str(section.get("name") or "")))
         for k, statement in enumerate(section.get("statements") or []):
             text = str(statement.get("text") or "")
-            if not text.strip() or text.strip().upper().startswith(GAP_MARKERS):
+            if not text.strip() or is_gap_marker(text):
                 continue
             path = f"sections[{j}].statements[{k}]"
             for term in added(_PROGNOSIS, text):
@@ -457,11 +416,7 @@ def render_markdown(draft: NoteDraft, title: str) -> str:
 
 def to_fhir(final: BaseModel, request: TaskRequest) -> dict[str, Any]:
     """A preliminary DocumentReference whose attachment is the note in markdown."""
-    from fhir.resources.attachment import Attachment
-    from fhir.resources.codeableconcept import CodeableConcept
-    from fhir.resources.coding import Coding
-    from fhir.resources.documentreference import DocumentReference, DocumentReferenceContent
-    from fhir.resources.identifier import Identifier
+    from fhir.resources.documentreference import DocumentReference
 
     assert isinstance(final, NoteDraft)
     template = request.context is not None and isinstance(request.context.template, list)
@@ -470,40 +425,33 @@ def to_fhir(final: BaseModel, request: TaskRequest) -> dict[str, Any]:
     title = f"Draft {display.lower()}" if kind != "SOAP" else "Draft SOAP progress note"
     text = render_markdown(final, title)
     now = datetime.now(UTC).replace(microsecond=0)
-    resource = DocumentReference(
-        status="current",
-        docStatus="preliminary",
-        identifier=[Identifier(system="urn:coheara:request-id", value=request.request_id)],
-        type=CodeableConcept(
-            coding=[Coding(system="http://loinc.org", code=code, display=display)],
-            text=display,
-        ),
-        date=now,
-        description="Draft generated by Coheara (SLM-01); requires clinician review.",
-        subject=_ref("urn:coheara:patient-scope", request.patient_scope_id),
-        context=[r]
-        if (r := _ref("urn:coheara:clinical-event", request.clinical_event_id))
-        else None,
-        content=[
-            DocumentReferenceContent(
-                attachment=Attachment(
-                    contentType="text/markdown",
-                    language="en",
-                    data=base64.b64encode(text.encode("utf-8")),
-                    title=title,
-                    creation=now,
-                )
-            )
-        ],
+    resource = DocumentReference.model_validate(
+        {
+            "status": "current",
+            "docStatus": "preliminary",
+            "identifier": [fhir.request_identifier(request)],
+            "type": {
+                "coding": [{"system": "http://loinc.org", "code": code, "display": display}],
+                "text": display,
+            },
+            "date": now,
+            "description": "Draft generated by Coheara (SLM-01); requires clinician review.",
+            "subject": fhir.patient(request),
+            "context": [encounter] if (encounter := fhir.encounter(request)) else None,
+            "content": [
+                {
+                    "attachment": {
+                        "contentType": "text/markdown",
+                        "language": "en",
+                        "data": base64.b64encode(text.encode("utf-8")),
+                        "title": title,
+                        "creation": now,
+                    }
+                }
+            ],
+        }
     )
     return resource.model_dump(mode="json", exclude_none=True)
-
-
-def _ref(system: str, value: str | None) -> Any:
-    from fhir.resources.identifier import Identifier
-    from fhir.resources.reference import Reference
-
-    return Reference(identifier=Identifier(system=system, value=value)) if value else None
 
 
 TASK = TaskSpec(

@@ -344,6 +344,7 @@ def to_fhir(draft: BaseModel, request: TaskRequest) -> dict[str, Any]:
                 "text": item.description or item.code,
             },
             "subject": fhir.subject(request),
+            "encounter": fhir.encounter(request),
             "note": [
                 {
                     "text": f"Draft code suggestion {rank} ({item.confidence} confidence), "
@@ -351,13 +352,6 @@ def to_fhir(draft: BaseModel, request: TaskRequest) -> dict[str, Any]:
                 }
             ],
         }
-        if request.clinical_event_id:
-            resource["encounter"] = {
-                "identifier": {
-                    "system": "urn:coheara:clinical-event",
-                    "value": request.clinical_event_id,
-                }
-            }
         resources.append(
             Condition.model_validate(resource).model_dump(mode="json", exclude_none=True)
         )

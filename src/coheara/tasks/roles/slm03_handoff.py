@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from coheara.tasks.envelope import TraceLink
 from coheara.tasks.sources import SourceItem, normalize
-from coheara.tasks.spec import GAP_MARKERS, POINT_OF_CARE_MS, Review, Statement, TaskSpec
+from coheara.tasks.spec import POINT_OF_CARE_MS, Review, Statement, TaskSpec, is_gap_marker
 
 MAX_ACTIONS = 10
 UNASSIGNED = "UNASSIGNED"
@@ -146,41 +146,24 @@ def instruction(data: Any, context: Any) -> str:
 
 
 _LISTS = ("summary", "changes", "actions", "concerns")
-_ELEMENT = re.compile(r"^([a-z_]+)\[(\d+)\](.*)$", re.S)
 
 
 def check_blank(review: Review) -> None:
     """Elements that say nothing are removed (the trace follows the rest to their new
     places); a handoff without a patient summary says so as a gap."""
-    moves: dict[tuple[str, int], int | None] = {}
+    moves: dict[str, str | None] = {}
     removed = 0
     for part in _LISTS:
         kept: list[dict[str, Any]] = []
         for index, element in enumerate(review.draft.get(part) or []):
             if str(element.get("text") or "").strip():
-                moves[(part, index)] = len(kept)
+                moves[f"{part}[{index}]"] = f"{part}[{len(kept)}]"
                 kept.append(element)
             else:
-                moves[(part, index)] = None
+                moves[f"{part}[{index}]"] = None
                 removed += 1
         review.draft[part] = kept
-
-    def where(path: str | None) -> tuple[bool, str | None]:
-        match = _ELEMENT.match(path or "")
-        if match is None or (match[1], int(match[2])) not in moves:
-            return True, path
-        new = moves[(match[1], int(match[2]))]
-        return (False, None) if new is None else (True, f"{match[1]}[{new}]{match[3]}")
-
-    review.links[:] = [link for link in review.links if where(link.element)[0]]
-    for link in review.links:
-        link.element = where(link.element)[1] or link.element
-    review.findings[:] = [f for f in review.findings if where(f.element)[0]]
-    review.gaps[:] = [g for g in review.gaps if where(g.element)[0]]
-    for finding in review.findings:
-        finding.element = where(finding.element)[1]
-    for gap in review.gaps:
-        gap.element = where(gap.element)[1]
+    review.move(moves)
     if removed:
         review.flag("blank_elements_removed", f"{removed} empty element(s)", severity="info")
     if not review.draft["summary"]:
@@ -197,8 +180,8 @@ def check_severity(review: Review) -> None:
     stated = (review.data.illness_severity or "").strip()
     drafted = review.draft.get(element)
     text = str((drafted or {}).get("text") or "").strip()
-    ranked = bool(text) and not text.upper().startswith(GAP_MARKERS)
-    _forget(review, element)
+    ranked = bool(text) and not is_gap_marker(text)
+    review.move({element: None})  # what the shared checks said of the model's words
     if not stated:
         review.draft[element] = None
         if ranked:
@@ -238,17 +221,6 @@ def check_severity(review: Review) -> None:
             "illness severity replaced by the input's own words",
             element=element,
         )
-
-
-def _forget(review: Review, element: str) -> None:
-    """Drop what the shared checks said about an element the layer rewrites."""
-
-    def other(path: str | None) -> bool:
-        return not (path == element or (path or "").startswith(element + "."))
-
-    review.links[:] = [link for link in review.links if other(link.element)]
-    review.findings[:] = [f for f in review.findings if other(f.element)]
-    review.gaps[:] = [g for g in review.gaps if other(g.element)]
 
 
 def check_carried(review: Review) -> None:
@@ -336,7 +308,7 @@ def check_acuity(review: Review) -> None:
     for part in _LISTS:
         for index, element in enumerate(review.draft.get(part) or []):
             text = str(element.get("text") or "")
-            if text.strip().upper().startswith(GAP_MARKERS):
+            if is_gap_marker(text):
                 continue
             for term in sorted({normalize(m.group()) for m in _ACUITY.finditer(text)}):
                 if not re.search(rf"\b{re.escape(term)}\b", said):

@@ -32,10 +32,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from coheara.errors import InvalidRequestError
+from coheara.tasks import fhir
 from coheara.tasks.envelope import ArtifactContext, TaskRequest, TraceLink
 from coheara.tasks.readability import flesch_kincaid
 from coheara.tasks.sources import normalize, numbers_in
-from coheara.tasks.spec import GAP_MARKERS, POINT_OF_CARE_MS, Review, Statement, TaskSpec
+from coheara.tasks.spec import POINT_OF_CARE_MS, Review, Statement, TaskSpec, is_gap_marker
 
 VERSION = "1.0.0"
 DEFAULT_GRADE = 6.0
@@ -228,16 +229,12 @@ def _grade_text(grade: float) -> str:
 # ----- checks ----------------------------------------------------------------------------
 
 
-def _is_marker(text: str) -> bool:
-    return any(text.strip().upper().startswith(marker) for marker in GAP_MARKERS)
-
-
 def check_reading_grade(review: Review) -> None:
     """Compute the grade of plain_text and write it into the draft, with a finding."""
     data = review.data
     assert isinstance(data, PlainLanguageInput)
     text = str(review.draft.get("plain_text") or "")
-    stats = flesch_kincaid(text) if not _is_marker(text) else flesch_kincaid("")
+    stats = flesch_kincaid(text) if not is_gap_marker(text) else flesch_kincaid("")
     target = data.target_grade
     within = None if stats.grade is None else stats.grade <= target
     review.draft["readability"] = Readability(
@@ -361,7 +358,7 @@ def check_numbers_kept(review: Review) -> None:
     data = review.data
     assert isinstance(data, PlainLanguageInput)
     plain = str(review.draft.get("plain_text") or "")
-    if _is_marker(plain) or not plain.strip():
+    if is_gap_marker(plain) or not plain.strip():
         return
     wanted = numbers_in(_DATE.sub(" ", data.text))
     missing = sorted(wanted - _numbers_kept(plain), key=lambda n: (len(n), n))
@@ -554,7 +551,7 @@ def check_drug_names(review: Review) -> None:
     assert isinstance(data, PlainLanguageInput)
     source = drug_names(data.text)
     plain = str(review.draft.get("plain_text") or "")
-    if plain.strip() and not _is_marker(plain):
+    if plain.strip() and not is_gap_marker(plain):
         dropped = sorted(source - drug_names(plain))
         if dropped:
             review.flag(
@@ -617,14 +614,9 @@ def to_fhir(draft: BaseModel, request: TaskRequest) -> dict[str, Any]:
         {
             "status": "current",
             "docStatus": "preliminary",
-            "identifier": [{"system": "urn:coheara:request-id", "value": request.request_id}],
-            "subject": _reference("urn:coheara:patient-scope", request.patient_scope_id),
-            "context": [
-                ref
-                for ref in [_reference("urn:coheara:clinical-event", request.clinical_event_id)]
-                if ref
-            ]
-            or None,
+            "identifier": [fhir.request_identifier(request)],
+            "subject": fhir.patient(request),
+            "context": [encounter] if (encounter := fhir.encounter(request)) else None,
             "type": {"text": "Plain-language explanation for a patient (draft)"},
             "description": f"Draft by {TASK.id} {TASK.version}"
             + (f"; Flesch-Kincaid grade {grade:.1f}" if grade is not None else ""),
@@ -641,11 +633,6 @@ def to_fhir(draft: BaseModel, request: TaskRequest) -> dict[str, Any]:
         }
     )
     return resource.model_dump(mode="json", exclude_none=True)
-
-
-def _reference(system: str, value: str | None) -> dict[str, Any] | None:
-    """A logical reference by the caller's opaque id (not known to be a FHIR resource id)."""
-    return {"identifier": {"system": system, "value": value}} if value else None
 
 
 TASK = TaskSpec(

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from coheara.tasks import fhir
 from coheara.tasks.envelope import ArtifactContext, TraceLink
 from coheara.tasks.spec import Cited, Review, Statement, TaskSpec
 
@@ -250,11 +251,9 @@ def check_criterion_evidence(review: Review) -> None:
         element = f"criteria[{index}]"
         if _evidence_in_record(review, element):
             continue
-        links = [link for link in review.links if link.element == element]
-        verified = bool(links) and links[0].status in ("verified", "verified_elsewhere")
         why = (
             "its quote is found only outside the documentation (e.g. in the payer's criteria)"
-            if verified
+            if review.status(element) in ("verified", "verified_elsewhere")
             else "its evidence is not verified in the input"
         )
         item["status"] = "gap"
@@ -407,11 +406,9 @@ def to_fhir(draft: BaseModel, request: TaskRequest) -> dict[str, Any]:
     assert isinstance(draft, PriorAuthDraft)
     data = PriorAuthInput.model_validate(request.input)
     service = data.requested_service
-    patient: dict[str, Any] = (
-        {"identifier": {"system": "urn:coheara:patient-scope", "value": request.patient_scope_id}}
-        if request.patient_scope_id
-        else {"display": "patient: not identified in the request; complete before submission"}
-    )
+    patient = fhir.patient(request) or {
+        "display": "patient: not identified in the request; complete before submission"
+    }
     product: dict[str, Any] = {"text": draft.requested_service.text or service.description}
     if draft.requested_service.code:
         system = _HCPCS if service.code_system == "HCPCS" else _CPT
@@ -451,7 +448,7 @@ def to_fhir(draft: BaseModel, request: TaskRequest) -> dict[str, Any]:
     claim = Claim.model_validate(
         {
             "resourceType": "Claim",
-            "identifier": [{"system": "urn:coheara:request", "value": request.request_id}],
+            "identifier": [fhir.request_identifier(request)],
             "status": "draft",
             "use": "preauthorization",
             "type": {"coding": [{"system": _CLAIM_TYPE, "code": service.claim_type}]},
