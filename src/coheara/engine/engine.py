@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,6 +22,7 @@ from pydantic import BaseModel
 
 from coheara import model_facts
 from coheara.backends.base import Backend, Capabilities, ChatRequest, GenerationOptions, Message
+from coheara.context import CallContext, call_context
 from coheara.engine.budget import TokenEstimator, check_fits, check_not_truncated
 from coheara.engine.chat_format import InputMessage, ReasoningFilter, to_gemma_turns
 from coheara.engine.guard import RepetitionGuard
@@ -29,6 +30,7 @@ from coheara.engine.result import ExtractionResult, GenerationResult, StreamChun
 from coheara.engine.schema import OutputSchema, Problem
 from coheara.errors import (
     BackendError,
+    CohearaError,
     InvalidRequestError,
     OutputValidationError,
     UnsupportedCapabilityError,
@@ -83,6 +85,9 @@ class Engine:
         self.settings = settings or load_settings()
         self._estimator = TokenEstimator()
         self._capabilities: Capabilities | None = None
+        self.observers: list[Callable[[CallRecord], None]] = []
+        """Called once per call, whatever its outcome (the audit trail, metrics)."""
+        self.observer_errors = 0
 
     @classmethod
     def from_config(
@@ -193,6 +198,43 @@ class Engine:
         max_tokens: int | None = None,
     ) -> AsyncGenerator[StreamChunk, None]:
         """Every mode, streaming: text deltas, then one chunk whose `result` is set."""
+        record = _Record(time.time(), time.perf_counter(), call_context(), schema)
+        try:
+            inner = self._stream(
+                record, prompt, system, images, messages, schema, options, max_tokens
+            )
+            async with aclosing(inner):
+                async for chunk in inner:
+                    if chunk.result is not None:
+                        record.result = chunk.result
+                    yield chunk
+        except BaseException as exc:
+            record.error = exc
+            raise
+        finally:
+            self._notify(record)
+
+    def _notify(self, record: _Record) -> None:
+        if not self.observers:
+            return
+        finished = record.finish()
+        for observer in self.observers:
+            try:
+                observer(finished)
+            except Exception:  # an observer's failure never changes the call's outcome
+                self.observer_errors += 1
+
+    async def _stream(
+        self,
+        record: _Record,
+        prompt: str | None,
+        system: str | None,
+        images: Sequence[ImageInput],
+        messages: Sequence[InputMessage] | None,
+        schema: SchemaInput | None,
+        options: GenerationOptions | None,
+        max_tokens: int | None,
+    ) -> AsyncGenerator[StreamChunk, None]:
         # Decoding and resizing a large scan takes a while: off the event loop.
         conversation = await asyncio.to_thread(self._conversation, prompt, system, images, messages)
         options = self._options(options, max_tokens)
@@ -206,6 +248,7 @@ class Engine:
             else None
         )
         turns = to_gemma_turns(conversation)
+        record.turns = turns
         capabilities = await self._check_capabilities(turns)
         inner = (
             self._stream_text(ChatRequest(turns, options), capabilities)
@@ -489,6 +532,54 @@ class Engine:
 
 
 MAX_FALLBACK_FIELDS = 16
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """One engine call as its observers see it. `turns` and the result's text are there so
+    an observer can compute keyed digests; an observer must never store them in the clear."""
+
+    started_at: float
+    """Unix time."""
+    duration_s: float
+    outcome: str
+    """"ok", "cancelled", or the error's stable code (e.g. context_length_exceeded)."""
+    error_class: str | None
+    context: CallContext
+    turns: tuple[Message, ...]
+    schema: Any
+    result: GenerationResult | None
+
+
+@dataclass
+class _Record:
+    started_at: float
+    clock: float
+    context: CallContext
+    schema: Any
+    turns: tuple[Message, ...] = ()
+    result: GenerationResult | None = None
+    error: BaseException | None = None
+
+    def finish(self) -> CallRecord:
+        if self.error is None:
+            outcome = "ok" if self.result is not None else "cancelled"
+        elif isinstance(self.error, CohearaError):
+            outcome = self.error.code
+        elif isinstance(self.error, asyncio.CancelledError | GeneratorExit):
+            outcome = "cancelled"
+        else:
+            outcome = "internal_error"
+        return CallRecord(
+            started_at=self.started_at,
+            duration_s=time.perf_counter() - self.clock,
+            outcome=outcome,
+            error_class=type(self.error).__name__ if self.error is not None else None,
+            context=self.context,
+            turns=self.turns,
+            schema=self.schema,
+            result=self.result,
+        )
 
 
 def _image_evidence(turns: Sequence[Message]) -> tuple[list[dict[str, Any]], list[str]]:

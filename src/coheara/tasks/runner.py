@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ValidationError
 
 from coheara.backends.base import GenerationOptions
+from coheara.context import calling
 from coheara.engine.chat_format import InputMessage
 from coheara.errors import InvalidRequestError, OutputValidationError
 from coheara.tasks.envelope import (
@@ -97,31 +98,15 @@ async def run_task(
         max_tokens=request.max_tokens or spec.max_tokens, temperature=spec.temperature
     )
 
-    result = await engine.extract(
-        system=spec.system_prompt, messages=messages, schema=spec.output_model, options=options
-    )
-    review, revisions = _review(spec, data, sources, request, result), 0
-    while spec.revise is not None and revisions < spec.max_revisions:
-        follow_up = spec.revise(review)
-        if follow_up is None:
-            break
-        revisions += 1
-        messages = [
-            *messages,
-            InputMessage("assistant", result.text),
-            InputMessage("user", follow_up),
-        ]
-        result = _add_usage(
-            result,
-            await engine.extract(
-                system=spec.system_prompt,
-                messages=messages,
-                schema=spec.output_model,
-                options=options,
-            ),
+    with calling(
+        request_id=request.request_id,
+        task_id=spec.id,
+        task_version=spec.version,
+        prompt_hash=spec.prompt_hash,
+    ):
+        result, review, revisions = await _generate(
+            engine, spec, data, sources, request, messages, options
         )
-        review = _review(spec, data, sources, request, result)
-
     try:  # the checks may have corrected the draft: it must still fit the output model
         final = spec.output_model.model_validate(review.draft)
     except ValidationError as exc:
@@ -170,6 +155,43 @@ async def run_task(
         assert spec.to_fhir is not None  # checked before the model was called
         response.fhir = spec.to_fhir(final, request)
     return response
+
+
+async def _generate(
+    engine: Engine,
+    spec: TaskSpec,
+    data: BaseModel,
+    sources: Sources,
+    request: TaskRequest,
+    messages: list[InputMessage],
+    options: GenerationOptions,
+) -> tuple[ExtractionResult, Review, int]:
+    """The extraction, its review, and the bounded re-asks the task wants."""
+    result = await engine.extract(
+        system=spec.system_prompt, messages=messages, schema=spec.output_model, options=options
+    )
+    review, revisions = _review(spec, data, sources, request, result), 0
+    while spec.revise is not None and revisions < spec.max_revisions:
+        follow_up = spec.revise(review)
+        if follow_up is None:
+            break
+        revisions += 1
+        messages = [
+            *messages,
+            InputMessage("assistant", result.text),
+            InputMessage("user", follow_up),
+        ]
+        result = _add_usage(
+            result,
+            await engine.extract(
+                system=spec.system_prompt,
+                messages=messages,
+                schema=spec.output_model,
+                options=options,
+            ),
+        )
+        review = _review(spec, data, sources, request, result)
+    return result, review, revisions
 
 
 def _review(
