@@ -12,6 +12,11 @@ The recipes follow Google's own MedGemma notebooks (DESIGN.md section 1):
   dynamic range; MONOCHROME1 inverted.
 - Colour stays colour (YBR and palette colour converted to RGB).
 
+Windows on stored integers go through a lookup table built once per dtype, rescale and
+window (`GreyValues`), with the float formula's own rounding: the same bytes, faster. A
+grey result is resized as one channel (`image.square_gray`), three windows from Pillow's
+own RGB layout (`image.square_rgbx`).
+
 Every check on the header (size, frames, pixel count, object type) runs before any
 pixel is decoded. Errors are `ImageError` with one line that never carries patient
 data: no names, IDs, dates, institutions, file names or pydicom's own messages.
@@ -19,6 +24,7 @@ data: no names, IDs, dates, institutions, file names or pydicom's own messages.
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import warnings
@@ -301,6 +307,208 @@ def dicom_window(values: np.ndarray, center: float, width: float, function: str)
     return np.round(out).astype(np.uint8)
 
 
+# --------------------------------------------------------------------- windows by table
+
+TABLE_MOST = 65536
+"""Most entries of a window's lookup table over the stored values (a 16-bit range)."""
+
+_Window = tuple[Any, ...]
+"""A window and its parameters: ("scale", low, high) for `scale_window`, or ("dicom",
+center, width, function) for `dicom_window` (LINEAR and LINEAR_EXACT only)."""
+
+
+def _apply_window(window: _Window, values: np.ndarray) -> np.ndarray:
+    if window[0] == "scale":
+        return scale_window(values, window[1], window[2])
+    return dicom_window(values, window[1], window[2], window[3])
+
+
+def _rescaled(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """Stored values through RescaleSlope/Intercept (left as they are for 1 and 0)."""
+    if slope == 1 and intercept == 0:
+        return stored
+    return stored.astype(np.float64) * slope + intercept
+
+
+_Layout = tuple[str, int | None, int, float, float]
+"""How a table over the stored values is laid out: (dtype, first, count, slope, intercept)."""
+
+
+@functools.lru_cache(maxsize=64)
+def _window_table(
+    dtype: str, first: int | None, count: int, slope: float, intercept: float, key: _Window
+) -> np.ndarray:
+    """The window of every stored value a frame may hold, computed as on the pixels.
+
+    `first` None: all `count` values of a 16-bit or 8-bit dtype, in the order of their bit
+    patterns read as unsigned (what `stored.view(unsigned)` indexes); else the integers
+    `first` .. `first` + `count` - 1. The values have the stored dtype, so the rescale and
+    the window see what they would see on the frame itself: the same float64 operations,
+    element by element, hence the same bytes. `key` carries the window parameters with
+    their types (an int bound and a float bound give different arithmetic).
+    """
+    kind = np.dtype(dtype)
+    if first is None:
+        domain = np.arange(count, dtype=np.int64).astype(kind.str.replace("i", "u")).view(kind)
+    else:
+        domain = np.arange(first, first + count, dtype=np.int64).astype(kind)
+    window = tuple(value for _, value in key)
+    table = _apply_window(window, _rescaled(domain, slope, intercept))
+    table.flags.writeable = False
+    return table
+
+
+@functools.lru_cache(maxsize=16)
+def _rgbx_table(
+    dtype: str,
+    first: int | None,
+    count: int,
+    slope: float,
+    intercept: float,
+    keys: tuple[_Window, ...],
+) -> np.ndarray:
+    """Three windows' tables as one: each entry the bytes R, G, B, 255 read as a uint32, so
+    one look-up gives a pixel in Pillow's own RGB layout (see `image.square_rgbx`)."""
+    packed = np.full((count, 4), 255, dtype=np.uint8)
+    for channel, key in enumerate(keys):
+        packed[:, channel] = _window_table(dtype, first, count, slope, intercept, key)
+    table = packed.view(np.uint32).reshape(count)
+    table.flags.writeable = False
+    return table
+
+
+def _typed(window: _Window) -> _Window:
+    """The window as a cache key: each value beside its type (5 == 5.0, yet they differ)."""
+    return tuple((type(value).__name__, value) for value in window)
+
+
+class GreyValues:
+    """A grey frame's modality values (HU for CT) and the windows that map them to 0..255.
+
+    Stored integers under RescaleSlope/Intercept (no Modality LUT Sequence) are windowed
+    through a lookup table: the window is computed once for every value the stored dtype
+    can hold (or the frame's own range, for 32-bit values), with the same float64 formula
+    as on the pixels, then indexed by the stored values. A table is kept for the next frame
+    with the same dtype, rescale and window (a volume builds it once). Float values, a
+    Modality LUT Sequence, a range over `TABLE_MOST` values and the SIGMOID function are
+    computed on the values themselves. Both ways give the same bytes (tests compare them
+    over every 16-bit value).
+    """
+
+    def __init__(self, stored: np.ndarray, ds: Dataset, frame: int = 0) -> None:
+        self.stored = stored
+        self._values: np.ndarray | None = None
+        self._rescale: tuple[float, float] | None = None
+        self._bounds: tuple[float, float] | None = None
+        self._layout: tuple[_Layout, np.ndarray] | None = None
+        self._layout_found = False
+        if ds.get("ModalityLUTSequence"):
+            self._values = np.asarray(apply_modality_lut(stored, ds))
+            return
+        slope, intercept = _rescale(ds, frame)
+        if stored.dtype.kind in "iu" and stored.size:
+            self._rescale = (slope, intercept)
+        else:
+            self._values = _rescaled(stored, slope, intercept)
+
+    @property
+    def by_table(self) -> bool:
+        """Whether the windows go through a lookup table."""
+        return self._table_layout() is not None
+
+    def values(self) -> np.ndarray:
+        """The modality values themselves (what `modality_values` returns)."""
+        if self._values is None:
+            assert self._rescale is not None
+            self._values = _rescaled(self.stored, *self._rescale)
+        return self._values
+
+    def bounds(self) -> tuple[float, float]:
+        """(min, max) of the modality values, as floats."""
+        if self._bounds is None:
+            if self._rescale is None or self._values is not None:
+                values = self.values()
+            else:
+                # The rescale is monotonic (rounding keeps the order), so the extremes of
+                # the values are the rescaled extremes of the stored values.
+                ends = [self.stored.min(), self.stored.max()]
+                values = _rescaled(np.array(ends, dtype=self.stored.dtype), *self._rescale)
+            self._bounds = (float(values.min()), float(values.max()))
+        return self._bounds
+
+    def window(self, low: float, high: float) -> np.ndarray:
+        """`scale_window` of the modality values."""
+        return self._windowed(("scale", low, high))
+
+    def rgbx(self, windows: Sequence[tuple[float, float]]) -> np.ndarray:
+        """Three (low, high) windows into R, G and B (`ct_windows` for `CT_WINDOWS`), as
+        HxWx4 uint8 whose fourth byte is 255: Pillow's own RGB layout, one look-up a pixel."""
+        found = self._table_layout()
+        if found is None:
+            out = np.empty((*self.stored.shape, 4), dtype=np.uint8)
+            for channel, (low, high) in enumerate(windows):
+                out[..., channel] = self.window(low, high)
+            out[..., 3] = 255
+            return out
+        layout, index = found
+        keys = tuple(_typed(("scale", low, high)) for low, high in windows)
+        packed = np.take(_rgbx_table(*layout, keys), index)
+        return packed.view(np.uint8).reshape(*self.stored.shape, 4)
+
+    def center_width(self, center: float, width: float) -> np.ndarray:
+        """`center_width` of the modality values."""
+        if width <= 0:
+            raise ImageError("window width must be positive")
+        return self.window(center - width / 2.0, center + width / 2.0)
+
+    def min_max(self, value_range: tuple[float, float] | None = None) -> np.ndarray:
+        """`min_max` of the modality values."""
+        lo, hi = value_range if value_range is not None else self.bounds()
+        if hi <= lo:
+            return np.zeros(self.stored.shape, dtype=np.uint8)
+        return self.window(lo, hi)
+
+    def dicom_window(self, center: float, width: float, function: str) -> np.ndarray:
+        """`dicom_window` of the modality values."""
+        if function.upper() == "SIGMOID":  # exp: kept off the table, computed per pixel
+            return dicom_window(self.values(), center, width, function)
+        return self._windowed(("dicom", center, width, function))
+
+    def _windowed(self, window: _Window) -> np.ndarray:
+        found = self._table_layout()
+        if found is None:
+            return _apply_window(window, self.values())
+        layout, index = found
+        return np.take(_window_table(*layout, _typed(window)), index)
+
+    def _table_layout(self) -> tuple[_Layout, np.ndarray] | None:
+        """The table layout for these stored values and each pixel's index into it; None
+        when the windows are computed on the values."""
+        if not self._layout_found:
+            self._layout = self._find_layout()
+            self._layout_found = True
+        return self._layout
+
+    def _find_layout(self) -> tuple[_Layout, np.ndarray] | None:
+        if self._rescale is None:
+            return None
+        stored = self.stored
+        dtype = stored.dtype
+        first: int | None = None
+        if dtype.itemsize <= 2:
+            count = 1 << (8 * dtype.itemsize)
+            index = stored.view(dtype.str.replace("i", "u"))
+        elif dtype.itemsize == 4:
+            first, last = int(stored.min()), int(stored.max())
+            count = last - first + 1
+            if count > TABLE_MOST:
+                return None
+            index = stored.astype(np.int64) - first
+        else:
+            return None
+        return (dtype.str, first, count, *self._rescale), index
+
+
 def _first_number(value: Any) -> float:
     if isinstance(value, Sequence) and not isinstance(value, str | bytes):
         value = value[0]
@@ -308,14 +516,14 @@ def _first_number(value: Any) -> float:
 
 
 def _file_window(
-    ds: Dataset, values: np.ndarray, frame: int = 0
+    ds: Dataset, values: GreyValues, frame: int = 0
 ) -> tuple[np.ndarray, dict[str, Any]] | None:
     """The file's own VOI LUT Sequence or window (an enhanced file's per frame), else None."""
     voi = ds.get("VOILUTSequence")
     if voi:
         try:
             item = voi[0]
-            out = apply_voi_lut(values, ds, prefer_lut=True).astype(np.float64)
+            out = apply_voi_lut(values.values(), ds, prefer_lut=True).astype(np.float64)
             descriptor = item.LUTDescriptor
             bits = int(descriptor[2])
             top = float(max(2**bits - 1, np.max(np.asarray(item.LUTData))))
@@ -339,7 +547,7 @@ def _file_window(
             function = "LINEAR"
         if width <= 0 or not np.isfinite(center) or not np.isfinite(width):
             return None
-        return dicom_window(values, center, width, function), {
+        return values.dicom_window(center, width, function), {
             "window": (center, width),
             "voi_function": function,
         }
@@ -392,6 +600,11 @@ def modality_values(stored: np.ndarray, ds: Dataset, frame: int = 0) -> np.ndarr
     """
     if ds.get("ModalityLUTSequence"):
         return np.asarray(apply_modality_lut(stored, ds))
+    return _rescaled(stored, *_rescale(ds, frame))
+
+
+def _rescale(ds: Dataset, frame: int) -> tuple[float, float]:
+    """A frame's (RescaleSlope, RescaleIntercept); a missing slope is 1, an intercept 0."""
     source = _rescale_source(ds, frame)
     try:
         slope = float(source.get("RescaleSlope", 1) or 1)
@@ -400,9 +613,7 @@ def modality_values(stored: np.ndarray, ds: Dataset, frame: int = 0) -> np.ndarr
         raise ImageError("DICOM rescale slope or intercept is not a number") from None
     if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0:
         raise ImageError("DICOM rescale slope or intercept is invalid")
-    if slope == 1 and intercept == 0:
-        return stored
-    return stored.astype(np.float64) * slope + intercept
+    return slope, intercept
 
 
 def default_recipe(modality: str | None, color: bool) -> str:
@@ -591,6 +802,9 @@ def _prepare_frame(
 ) -> PreparedImage:
     notes = list(warnings_)
     extra: dict[str, Any] = {}
+    rgb: np.ndarray | None = None  # colour, HxWx3
+    rgbx: np.ndarray | None = None  # three windows, HxWx4 (Pillow's RGB layout)
+    gray = np.zeros((0, 0), dtype=np.uint8)  # one window, for R, G and B alike
     color = photometric == "PALETTE COLOR" or (frame.ndim == 3 and frame.shape[-1] == 3)
     inverted = False
     recipe = choice.recipe or default_recipe(modality, color)
@@ -606,20 +820,19 @@ def _prepare_frame(
         else:
             if choice.recipe == "color":
                 raise ImageError("recipe 'color' needs a colour image")
-            values = modality_values(frame, ds, frame_index)
+            values = GreyValues(frame, ds, frame_index)
             if recipe == "ct_windows":
                 if modality != "CT":
                     notes.append("CT windows applied to a non-CT image")
                 rescaled = "RescaleIntercept" in _rescale_source(ds, frame_index)
                 if not rescaled and "ModalityLUTSequence" not in ds:
                     notes.append("no rescale in the file: stored values taken as HU")
-                rgb = ct_windows(values)
+                rgbx = values.rgbx(CT_WINDOWS)
                 extra["window"] = CT_WINDOWS
             elif recipe == "preset":
                 assert choice.window is not None
                 center, width = choice.window
-                gray = center_width(values, center, width)
-                rgb = np.stack([gray] * 3, axis=-1)
+                gray = values.center_width(center, width)
                 extra["window"] = (center, width)
                 extra["preset"] = choice.preset
             else:
@@ -630,13 +843,12 @@ def _prepare_frame(
                 else:
                     if recipe == "file_window":
                         recipe = "full_range"
-                    gray = min_max(values, value_range if recipe == "min_max" else None)
-                    lo, hi = value_range or (float(values.min()), float(values.max()))
+                    gray = values.min_max(value_range if recipe == "min_max" else None)
+                    lo, hi = value_range or values.bounds()
                     extra["window"] = (lo, hi)
                 if photometric == "MONOCHROME1":
                     gray = 255 - gray
                     inverted = True
-                rgb = np.stack([gray] * 3, axis=-1)
     except ImageError:
         raise
     except Exception:
@@ -656,7 +868,13 @@ def _prepare_frame(
         transfer_syntax=transfer.name if transfer.is_transfer_syntax else None,
         warnings=tuple(notes),
     )
-    return PreparedImage(_image.square_rgb(rgb), source=label, provenance=provenance)
+    if rgbx is not None:
+        pixels = _image.square_rgbx(rgbx)
+    elif rgb is not None:
+        pixels = _image.square_rgb(rgb)
+    else:  # one channel resized, then copied: the same bytes as resizing all three
+        pixels = _image.square_gray(gray)
+    return PreparedImage(pixels, source=label, provenance=provenance)
 
 
 def load_dicom(

@@ -138,7 +138,11 @@ class PreparedImage:
 
 
 def square_rgb(array: np.ndarray) -> np.ndarray:
-    """HxWx3 uint8 to the model's square: bilinear, aspect not kept, as the Gemma 3 processor."""
+    """HxWx3 uint8 to the model's square: bilinear, aspect not kept, as the Gemma 3 processor.
+
+    A resized result is read-only (numpy's view of Pillow's bytes, not copied again): a
+    `PreparedImage` is never written to.
+    """
     side = model_facts.IMAGE_SIZE
     if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8 or array.size == 0:
         raise ImageError("image must be a non-empty HxWx3 uint8 array")
@@ -147,7 +151,41 @@ def square_rgb(array: np.ndarray) -> np.ndarray:
     resized = Image.fromarray(np.ascontiguousarray(array), mode="RGB").resize(
         (side, side), Image.Resampling.BILINEAR
     )
-    return np.asarray(resized, dtype=np.uint8).copy()
+    return np.asarray(resized, dtype=np.uint8)
+
+
+def square_rgbx(packed: np.ndarray) -> np.ndarray:
+    """HxWx4 uint8 whose fourth byte is padding (Pillow's own RGB layout) to the model's
+    square: `square_rgb` of its first three channels, byte for byte, without the
+    repacking (Pillow reads the four bytes of each pixel as they are)."""
+    side = model_facts.IMAGE_SIZE
+    if packed.ndim != 3 or packed.shape[-1] != 4 or packed.dtype != np.uint8 or packed.size == 0:
+        raise ImageError("image must be a non-empty HxWx4 uint8 array")
+    if packed.shape[:2] == (side, side):
+        return np.ascontiguousarray(packed[..., :3])
+    height, width = packed.shape[:2]
+    image = Image.frombytes("RGB", (width, height), np.ascontiguousarray(packed), "raw", "RGBX")
+    return np.asarray(image.resize((side, side), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+
+def square_gray(gray: np.ndarray) -> np.ndarray:
+    """HxW uint8 grey to the model's square RGB: `square_rgb` of the grey in all three
+    channels, byte for byte, for a third of the work.
+
+    Pillow's bilinear resize treats each channel on its own with the same weights and the
+    same rounding, so one channel is resized and then copied to R, G and B.
+    """
+    side = model_facts.IMAGE_SIZE
+    if gray.ndim != 2 or gray.dtype != np.uint8 or gray.size == 0:
+        raise ImageError("image must be a non-empty HxW uint8 array")
+    if gray.shape != (side, side):
+        gray = np.asarray(
+            Image.fromarray(np.ascontiguousarray(gray), mode="L").resize(
+                (side, side), Image.Resampling.BILINEAR
+            ),
+            dtype=np.uint8,
+        )
+    return np.stack([gray, gray, gray], axis=-1)
 
 
 # ------------------------------------------------------------------------ entry points
@@ -422,15 +460,18 @@ def _picture(
     notes: list[str] | None = None,
 ) -> PreparedImage:
     """One decoded page: upright, RGB, then the processor's square resize."""
-    rgb, provenance = _upright_rgb(image, page=page, pages=pages, notes=notes)
+    picture, provenance = _upright_rgb(image, page=page, pages=pages, notes=notes, grey=True)
     side = model_facts.IMAGE_SIZE
-    if rgb.size != (side, side):
+    if picture.size != (side, side):
         # Square resize without keeping the aspect ratio, bilinear: what the Gemma 3
         # image processor does, so every runtime sees the same pixels.
-        rgb = rgb.resize((side, side), Image.Resampling.BILINEAR)
-    return PreparedImage(
-        np.asarray(rgb, dtype=np.uint8).copy(), source=label, provenance=provenance
-    )
+        picture = picture.resize((side, side), Image.Resampling.BILINEAR)
+    pixels = np.asarray(picture, dtype=np.uint8)  # Pillow's bytes, read-only: not copied again
+    if picture.mode == "L":
+        # A grey picture is resized as one channel, then copied to R, G and B: the same
+        # bytes as resizing its RGB conversion (see `square_gray`), for a third of the work.
+        pixels = np.stack([pixels, pixels, pixels], axis=-1)
+    return PreparedImage(pixels, source=label, provenance=provenance)
 
 
 def _upright_rgb(
@@ -439,11 +480,13 @@ def _upright_rgb(
     page: int = 0,
     pages: int = 1,
     notes: list[str] | None = None,
+    grey: bool = False,
 ) -> tuple[Image.Image, Provenance]:
+    """The page upright and in RGB (grey: a grey page stays one "L" channel)."""
     check_pixels(image.width, image.height)
     mode, fmt = image.mode, image.format
     upright, orientation, orient_notes = _orient(image)
-    rgb, recipe, window, tone_notes = _to_rgb(upright)
+    rgb, recipe, window, tone_notes = _to_rgb(upright, grey=grey)
     provenance = Provenance(
         kind="picture",
         recipe=recipe,
@@ -489,18 +532,18 @@ def _orient(image: Image.Image) -> tuple[Image.Image, int | None, list[str]]:
     return upright, value, [*notes, f"EXIF orientation {value} applied ({_ORIENTATIONS[value]})"]
 
 
-def _to_rgb(image: Image.Image) -> tuple[Image.Image, str, Any, list[str]]:
-    """RGB as the Gemma 3 processor's `convert("RGB")`, but high bit depths scaled."""
+def _to_rgb(image: Image.Image, *, grey: bool = False) -> tuple[Image.Image, str, Any, list[str]]:
+    """RGB as the Gemma 3 processor's `convert("RGB")`, but high bit depths scaled.
+
+    grey: a grey image ("L", or a high bit depth once scaled) comes back as one "L" channel,
+    which `convert("RGB")` would only copy to R, G and B.
+    """
     mode = image.mode
     if mode in _HIGH_DEPTH:
         # Pillow clips 16-bit and float pixels to 255 on convert("RGB"): scale them instead.
         gray, lo, hi, notes = _min_max(np.asarray(image), f"{_HIGH_DEPTH[mode]} image")
-        return (
-            Image.fromarray(np.stack([gray] * 3, axis=-1), mode="RGB"),
-            "min_max",
-            (lo, hi),
-            notes,
-        )
+        channels = gray if grey else np.stack([gray] * 3, axis=-1)
+        return Image.fromarray(channels, mode="L" if grey else "RGB"), "min_max", (lo, hi), notes
     notes = []
     if "A" in mode or "a" in mode:
         alpha = image.getchannel("A" if "A" in mode else "a")
@@ -510,7 +553,7 @@ def _to_rgb(image: Image.Image) -> tuple[Image.Image, str, Any, list[str]]:
         notes.append("transparency dropped (as the Gemma 3 processor's RGB conversion)")
     if mode == "CMYK":
         notes.append("CMYK converted to RGB without colour management")
-    if mode == "RGB":
+    if mode == "RGB" or (grey and mode == "L"):
         return image, "square_resize", None, notes
     try:
         rgb = image.convert("RGB")
@@ -540,8 +583,11 @@ def _min_max(values: np.ndarray, what: str) -> tuple[np.ndarray, float, float, l
     return scaled, lo, hi, [note]
 
 
-def _array_rgb(source: np.ndarray) -> tuple[np.ndarray, str, Any, list[str]]:
-    """HxW, HxWx3 or HxWx4 numbers to HxWx3 uint8 (not resized); alpha dropped."""
+def _array_rgb(source: np.ndarray, *, grey: bool = False) -> tuple[np.ndarray, str, Any, list[str]]:
+    """HxW, HxWx3 or HxWx4 numbers to HxWx3 uint8 (not resized); alpha dropped.
+
+    grey: a one-channel array comes back as HxW (for `square_gray`), not copied to three.
+    """
     array = source
     if array.ndim == 2:
         array = array[..., None]
@@ -561,14 +607,15 @@ def _array_rgb(source: np.ndarray) -> tuple[np.ndarray, str, Any, list[str]]:
         recipe, window = "min_max", (lo, hi)
         notes += scaled
     if array.shape[-1] == 1:
-        array = np.concatenate([array] * 3, axis=-1)
+        array = array[..., 0] if grey else np.concatenate([array] * 3, axis=-1)
     return np.ascontiguousarray(array), recipe, window, notes
 
 
 def _from_array(source: np.ndarray, label: str) -> PreparedImage:
-    rgb, recipe, window, notes = _array_rgb(source)
+    array, recipe, window, notes = _array_rgb(source, grey=True)
     provenance = Provenance(kind="array", recipe=recipe, window=window, warnings=tuple(notes))
-    return PreparedImage(square_rgb(rgb), source=label, provenance=provenance)
+    pixels = square_gray(array) if array.ndim == 2 else square_rgb(array)
+    return PreparedImage(pixels, source=label, provenance=provenance)
 
 
 def _with_warning(image: PreparedImage, note: str) -> PreparedImage:

@@ -17,8 +17,10 @@ The recipe of Google's MedGemma notebooks (DESIGN.md section 1):
 
 Headers are read first (`stop_before_pixels`); every limit (file count, folder depth,
 pixels in all) is checked before any pixel is decoded, and only the sampled slices or
-frames are decoded, each once. Errors and warnings never carry patient data: only
-counts, series numbers, modality codes and positions.
+frames are decoded, each once. Each file is parsed once: a sampled file's pixel data is
+read from where its header stopped, the files left out are never read further. Errors
+and warnings never carry patient data: only counts, series numbers, modality codes and
+positions.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ import numpy as np
 import pydicom
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
+from pydicom.filereader import read_dataset
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from coheara.errors import ImageError
 from coheara.imaging import dicom as _dicom
@@ -119,11 +122,14 @@ class Volume:
 
 @dataclass
 class _Header:
-    """One file's header; `ref` is how to read it again (a path or the bytes)."""
+    """One file's header; `ref` is how to read the rest of it (a path or the bytes)."""
 
     ref: Path | bytes
     input_index: int
     ds: Dataset
+    pixels_at: int | None = None
+    """Where the header stopped (the pixel data element) in the file, when the rest of the
+    file can be read from there; None: the file is read again whole."""
 
 
 @dataclass(frozen=True)
@@ -237,9 +243,10 @@ def _located(error: ImageError, where: str) -> ImageError:
     return ImageError(f"{where}: {error.message}", hint=error.hint)
 
 
-def _read_header(ref: Path | bytes) -> tuple[Dataset, bool] | None:
-    """The header without pixel data and whether anything (the pixel data) follows it;
-    None when the data is not DICOM."""
+def _read_header(ref: Path | bytes) -> tuple[Dataset, bool, int | None] | None:
+    """The header without pixel data, whether anything (the pixel data) follows it, and
+    where it stopped when the rest can be read from there (`_with_pixels`); None when the
+    data is not DICOM."""
     try:
         if isinstance(ref, Path):
             most = limits.current().max_dicom_bytes
@@ -261,7 +268,7 @@ def _read_header(ref: Path | bytes) -> tuple[Dataset, bool] | None:
         raise ImageError(f"cannot read image file: {exc.strerror}") from None
 
 
-def _header(handle: Any, head: bytes, size: int) -> tuple[Dataset, bool]:
+def _header(handle: Any, head: bytes, size: int) -> tuple[Dataset, bool, int | None]:
     has_preamble = len(head) >= 132 and head[128:132] == b"DICM"
     try:
         with warnings.catch_warnings():
@@ -271,10 +278,14 @@ def _header(handle: Any, head: bytes, size: int) -> tuple[Dataset, bool]:
                 pass
             # pydicom stops quietly at the end of a truncated file; a header that reaches
             # the end has no pixel data after it (a non-image object, or a cut-off image).
-            follows = handle.tell() < size
+            stopped = handle.tell()
+            follows = stopped < size
     except Exception:  # pydicom's messages may quote the data
         raise ImageError("DICOM data is truncated or corrupt") from None
-    return ds, follows
+    meta = getattr(ds, "file_meta", None)
+    deflated = meta is not None and meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+    # A deflated file's positions are in its inflated copy, not in the file: read it whole.
+    return ds, follows, (stopped if follows and not deflated else None)
 
 
 def _not_an_image(ds: Dataset, follows: bool) -> str | None:
@@ -314,16 +325,16 @@ def is_multiframe_volume(source: Dataset | str | Path | bytes | bytearray | memo
     readable DICOM image header is False (its own loader then says what is wrong).
     """
     try:
-        parsed: tuple[Dataset, bool] | None
+        parsed: tuple[Dataset, bool, int | None] | None
         if isinstance(source, Dataset):
             follows = "PixelData" in source or _dicom._int(source, "Rows", 0) > 0
-            parsed = (source, follows)
+            parsed = (source, follows, None)
         elif isinstance(source, bytes | bytearray | memoryview):
             parsed = _read_header(bytes(source))
         else:
             path = Path(source)
             parsed = _read_header(path) if path.is_file() else None
-        if parsed is None or _not_an_image(*parsed) is not None:
+        if parsed is None or _not_an_image(parsed[0], parsed[1]) is not None:
             return False
         ds = parsed[0]
         return _frame_count(ds) > 1 and _dicom._modality(ds) in ("CT", "MR")
@@ -604,7 +615,7 @@ def load_volume(
                 raise ImageError("data is not DICOM")
             skipped += 1
             continue
-        ds, follows = parsed
+        ds, follows, pixels_at = parsed
         why = _not_an_image(ds, follows)
         if why is not None:
             # A folder may hold reports, presentation states and vendor objects beside the
@@ -613,7 +624,7 @@ def load_volume(
                 raise _located(ImageError(why), where)
             skipped += 1
             continue
-        headers.append(_Header(ref, index, ds))
+        headers.append(_Header(ref, index, ds, pixels_at))
     if skipped:
         notes.append(f"{skipped} file(s) in the folder skipped: not DICOM images")
     if not headers:
@@ -730,7 +741,7 @@ def _decoded(picked: list[_Slice], kind: _Kind, inputs: int) -> Iterator[_Decode
         where = _where(kind, header.input_index, inputs)
         if item.frame is None:
             try:
-                ds = _dicom.read_dataset(header.ref)
+                ds = _with_pixels(header)
                 frame, photometric = _dicom.decode_frame(ds, 0)
             except ImageError as exc:
                 raise _located(exc, where) from None
@@ -738,7 +749,7 @@ def _decoded(picked: list[_Slice], kind: _Kind, inputs: int) -> Iterator[_Decode
         else:
             if header.input_index not in files:
                 try:
-                    whole = _dicom.read_dataset(header.ref)
+                    whole = _with_pixels(header)
                     _dicom.check_image(whole)
                 except ImageError as exc:
                     raise _located(exc, where) from None
@@ -751,15 +762,84 @@ def _decoded(picked: list[_Slice], kind: _Kind, inputs: int) -> Iterator[_Decode
         yield item, ds, frame, photometric
 
 
+_PIXEL_TAGS = (
+    b"\xe0\x7f\x10\x00",  # (7FE0,0010) PixelData, little endian
+    b"\xe0\x7f\x08\x00",  # (7FE0,0008) FloatPixelData
+    b"\xe0\x7f\x09\x00",  # (7FE0,0009) DoubleFloatPixelData
+    b"\x7f\xe0\x00\x10",  # the same, big endian
+    b"\x7f\xe0\x00\x08",
+    b"\x7f\xe0\x00\x09",
+)
+
+
+def _with_pixels(header: _Header) -> Dataset:
+    """The header's dataset with the rest of its file (the pixel data and anything after
+    it) read from where the header stopped: each file is parsed once.
+
+    The same elements as `dicom.read_dataset` of the whole file would give, checked the same
+    way (each new element converted now, so a corrupt one fails here). A file whose rest
+    does not start with a pixel data element in the header's encoding (changed since, or
+    encoded unlike its header) is read again whole, as `dicom.read_dataset` reads it.
+    """
+    ds, offset = header.ds, header.pixels_at
+    if offset is None:
+        return _dicom.read_dataset(header.ref)
+    rest = _rest_of(header.ref, offset)
+    implicit, little = ds.original_encoding
+    order = 0 if little else 3
+    # pydicom's own test for explicit VR: two upper-case letters after the tag.
+    explicit = len(rest) >= 6 and 0x40 < rest[4] < 0x5B and 0x40 < rest[5] < 0x5B
+    if implicit is None or rest[:4] not in _PIXEL_TAGS[order : order + 3] or explicit == implicit:
+        return _dicom.read_dataset(header.ref)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tail = read_dataset(
+                io.BytesIO(rest),
+                bool(implicit),
+                bool(little),
+                parent_encoding=ds.original_character_set,
+            )
+            tags = list(tail.keys())
+            for tag in tags:
+                ds[tag] = tail.get_item(tag)
+            for tag in tags:  # converted now, as `dicom.read_dataset` touches every element
+                ds[tag]
+    except Exception:  # pydicom's messages may quote the data
+        raise ImageError("DICOM data is truncated or corrupt") from None
+    return ds
+
+
+def _rest_of(ref: Path | bytes, offset: int) -> bytes:
+    """The bytes of a file from `offset` on, under the DICOM size limit."""
+    most = limits.current().max_dicom_bytes
+    if isinstance(ref, bytes):
+        if len(ref) > most:
+            raise ImageError(f"DICOM data is larger than {most} bytes")
+        return ref[offset:]
+    try:
+        with ref.open("rb") as handle:
+            if os.fstat(handle.fileno()).st_size > most:
+                raise ImageError(f"image file is larger than {most} bytes")
+            handle.seek(offset)
+            return handle.read()
+    except FileNotFoundError:
+        raise ImageError("image file not found", hint="check the path") from None
+    except IsADirectoryError:
+        raise ImageError("image path is a folder, not a file") from None
+    except OSError as exc:
+        raise ImageError(f"cannot read image file: {exc.strerror}") from None
+
+
 def _volume_range(decoded: list[_Decoded]) -> tuple[float, float]:
     """(min, max) of the modality values over every sampled slice: one scale for the volume."""
     lo, hi = np.inf, -np.inf
     for item, ds, frame, _ in decoded:
         if frame.ndim == 3:
             raise ImageError("a colour series cannot be scaled as one grey volume")
-        values = _dicom.modality_values(frame, ds, item.frame or 0)
-        lo = min(lo, float(np.min(values)))
-        hi = max(hi, float(np.max(values)))
+        low, high = _dicom.GreyValues(frame, ds, item.frame or 0).bounds()
+        lo = min(lo, low)
+        hi = max(hi, high)
     return lo, hi
 
 
