@@ -525,3 +525,26 @@ def _multiframe_enhanced(
         PerFrameFunctionalGroupsSequence=per_frame,
         SharedFunctionalGroupsSequence=[Dataset()],
     )
+
+
+def test_pydicom_messages_quoting_header_values_never_reach_a_terminal_or_a_log(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    import logging
+    import warnings
+
+    from pydicom.misc import warn_and_log
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger().addHandler(handler)  # where a site's log configuration listens
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            warn_and_log("Invalid value for VR CS: 'CANARY Doe'")  # as pydicom words it
+    finally:
+        logging.getLogger().removeHandler(handler)
+    captured = capfd.readouterr()
+    assert "CANARY" not in captured.out + captured.err
+    assert not records

@@ -269,3 +269,61 @@ def test_prepare_gives_every_page_of_a_multi_page_tiff() -> None:
     prepared = prepare(buffer.getvalue())
     assert prepared.kind == "images"
     assert [tuple(i.pixels[0, 0]) for i in prepared.images] == [(250, 0, 0), (0, 250, 0)]
+
+
+# ----- named header codes, only when asked ---------------------------------------------------
+
+
+def _radiograph(**tags: str) -> bytes:
+    from pydicom import dcmread
+
+    ds = dcmread(io.BytesIO(dataset(np.zeros((8, 8)), series_uid="1.2.9", modality="CT")))
+    ds.Modality = "CR"
+    for name, value in tags.items():
+        setattr(ds, name, value)
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    return buffer.getvalue()
+
+
+def _texts(messages: list[Any]) -> str:
+    return " ".join(
+        [m.text for m in messages] + [p for m in messages for p in m.parts if isinstance(p, str)]
+    )
+
+
+def test_header_codes_reach_the_prompt_only_when_named() -> None:
+    film = prepare(_radiograph(BodyPartExamined="CHEST", ViewPosition="PA"))
+    assert "CHEST" not in _texts(film.messages(QUESTION))  # only pixels by default
+    named = film.messages(QUESTION, header_fields=["modality", "body_part", "view_position"])
+    assert named[-1].text == (
+        f"Image details: image 1: modality CR, body part CHEST, view PA.\n{QUESTION}"
+    )
+    assert film.images[0].provenance.body_part == "CHEST"
+    free_text = prepare(_radiograph(BodyPartExamined="chest of CANARY Doe, left side"))
+    assert free_text.images[0].provenance.body_part is None  # not a code: dropped
+    assert free_text.header_text(["body_part"]) == ""
+    with pytest.raises(ImageError, match="unknown header field 'PatientName'"):
+        film.header_text(["PatientName"])
+
+
+def test_a_series_states_its_codes_once(series: Path) -> None:
+    volume = prepare(series)
+    text = volume.header_text(["modality"])
+    assert text == "Image details: series: modality CT."
+
+
+def test_the_native_study_takes_header_fields(http: httpx.Client, engine: Engine) -> None:
+    film = _radiograph(BodyPartExamined="CHEST", ViewPosition="AP")
+    study = {"files": [b64(film)], "header_fields": ["body_part", "view_position"]}
+    answer = http.post("/v1/generate", json={"prompt": QUESTION, "study": study}).json()
+    messages = prepare(film).messages(QUESTION, header_fields=["body_part", "view_position"])
+    expected = run(engine.generate(messages=messages))
+    assert answer["prompt_tokens"] == expected.prompt_tokens and answer["text"] == expected.text
+    plain = http.post("/v1/generate", json={"prompt": QUESTION, "study": {"files": [b64(film)]}})
+    assert plain.json()["prompt_tokens"] < answer["prompt_tokens"]
+    refused = http.post(
+        "/v1/generate",
+        json={"prompt": QUESTION, "study": {"files": [b64(film)], "header_fields": ["name"]}},
+    )
+    assert refused.status_code == 422

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import re
 import warnings
 from collections.abc import Sequence
@@ -44,6 +45,12 @@ from coheara.errors import ImageError
 from coheara.imaging import image as _image
 from coheara.imaging import limits
 from coheara.imaging.image import PreparedImage, Provenance, read_file
+
+# pydicom's warnings quote header values (names, free text) and also go to its logger,
+# which Python's last-resort handler prints: keep them out of every log and terminal.
+_pydicom_logger = logging.getLogger("pydicom")
+_pydicom_logger.addHandler(logging.NullHandler())
+_pydicom_logger.propagate = False
 
 Recipe = Literal["ct_windows", "preset", "file_window", "min_max", "color"]
 RECIPES: tuple[str, ...] = ("ct_windows", "preset", "file_window", "min_max", "color")
@@ -626,9 +633,15 @@ def default_recipe(modality: str | None, color: bool) -> str:
     return "file_window"
 
 
-def _modality(ds: Dataset) -> str | None:
-    value = str(ds.get("Modality", "") or "").strip().upper()
+def _code(ds: Dataset, keyword: str) -> str | None:
+    """A coded (CS) header value, or None: anything but a short upper-case code is dropped,
+    so no free text from the header can reach a prompt or a record."""
+    value = str(ds.get(keyword, "") or "").strip().upper()
     return value if _CODE.match(value) else None
+
+
+def _modality(ds: Dataset) -> str | None:
+    return _code(ds, "Modality")
 
 
 def _to_rgb_uint8(frame: np.ndarray, ds: Dataset) -> np.ndarray:
@@ -867,6 +880,8 @@ def _prepare_frame(
         frames=frame_count,
         transfer_syntax=transfer.name if transfer.is_transfer_syntax else None,
         warnings=tuple(notes),
+        body_part=_code(ds, "BodyPartExamined"),
+        view_position=_code(ds, "ViewPosition"),
     )
     if rgbx is not None:
         pixels = _image.square_rgbx(rgbx)

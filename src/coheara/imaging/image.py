@@ -97,6 +97,10 @@ class Provenance:
     """Pillow mode of the decoded picture before conversion ("RGB", "I;16", "CMYK", "P")."""
     orientation: int | None = None
     """EXIF orientation applied (2..8); None when the picture was upright as stored."""
+    body_part: str | None = None
+    """DICOM BodyPartExamined, a code (e.g. "CHEST"); free text is dropped."""
+    view_position: str | None = None
+    """DICOM ViewPosition, a code (e.g. "PA", "AP", "LL")."""
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}

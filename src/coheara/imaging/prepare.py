@@ -57,9 +57,44 @@ class Prepared:
             return [p for p in tile_parts("", self.images, "")[2::2] if isinstance(p, str)]
         return [f"image {n}" for n in range(1, len(self.images) + 1)]
 
-    def messages(self, question: str, *, instruction: str | None = None) -> list[Any]:
+    def header_text(self, fields: Sequence[str]) -> str:
+        """The named non-identifying header codes of each image, in words, for a prompt:
+        only `HEADER_FIELDS` (modality, body part, view position) and only codes."""
+        unknown = [f for f in fields if f not in HEADER_FIELDS]
+        if unknown:
+            raise ImageError(
+                f"unknown header field '{str(unknown[0])[:32]}'",
+                hint="one of " + ", ".join(HEADER_FIELDS),
+            )
+        described: list[str] = []
+        for label, image in zip(self.labels(), self.images, strict=True):
+            where = image.provenance
+            words = [
+                f"{HEADER_FIELDS[f]} {getattr(where, f)}"
+                for f in fields
+                if where is not None and getattr(where, f, None)
+            ]
+            if words:
+                described.append(f"{label}: " + ", ".join(words))
+        if self.kind == "volume" and described:  # one series: say it once
+            described = [described[0].replace("SLICE 1: ", "series: ", 1)]
+        return ("Image details: " + "; ".join(described) + ".") if described else ""
+
+    def messages(
+        self,
+        question: str,
+        *,
+        instruction: str | None = None,
+        header_fields: Sequence[str] = (),
+    ) -> list[Any]:
         """The engine's `messages=` for these images: a volume gets its slice labels, a
-        pair its PRIOR and CURRENT labels, in one user turn of ordered parts."""
+        pair its PRIOR and CURRENT labels, in one user turn of ordered parts.
+
+        header_fields: DICOM codes the caller chooses to show the model (`HEADER_FIELDS`);
+        by default no metadata reaches the prompt, only pixels."""
+        details = self.header_text(header_fields) if header_fields else ""
+        if details:
+            question = f"{details}\n{question}"
         from coheara.engine.chat_format import InputMessage
         from coheara.imaging.volume import default_instruction, volume_messages
 
@@ -113,6 +148,13 @@ def is_series(items: Sequence[Any]) -> bool:
         return _is_folder(items[0])
     return len(items) > 1 and all(_is_dicom_ref(item) for item in items)
 
+
+HEADER_FIELDS: dict[str, str] = {
+    "modality": "modality",
+    "body_part": "body part",
+    "view_position": "view",
+}
+"""The only header fields a caller may put in a prompt: non-identifying codes."""
 
 PAIR_INSTRUCTION = (
     "You are given two chest X-rays of the same patient in time order: first the PRIOR "

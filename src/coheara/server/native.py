@@ -80,6 +80,12 @@ class Study(BaseModel):
     instruction: str | None = Field(
         None, description="Replaces the default instruction that precedes the images."
     )
+    header_fields: list[Literal["modality", "body_part", "view_position"]] = Field(
+        default_factory=list,
+        max_length=3,
+        description="DICOM codes to show the model beside the pixels (none by default: "
+        "no metadata reaches the prompt unless named here).",
+    )
 
 
 class GenerateRequest(BaseModel):
@@ -209,7 +215,9 @@ def _study_messages(study: Study, question: str, state: ServerState) -> list[Inp
             prepared = prepare(
                 source, modality=study.modality, max_slices=study.max_slices, **options
             )
-    return prepared.messages(question, instruction=study.instruction)
+    return prepared.messages(
+        question, instruction=study.instruction, header_fields=study.header_fields
+    )
 
 
 async def _answer(request: Request, state: ServerState, call: EngineCall, stream: bool) -> Any:
