@@ -143,7 +143,8 @@ def _ms(values: list[float], q: float = 0.5) -> float:
 async def main(rounds: int, max_tokens: int, levels: list[int]) -> None:
     torch.set_num_threads(1)  # the tiny model's matrices only lose time in a thread pool
     console = Console(width=150)
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same one torch thread
+    # The same one torch thread; no audit trail written to the user's data directory.
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "COHEARA_AUDIT_ENABLED": "false"}
     with (
         tempfile.TemporaryDirectory() as tmp,
         serve_in_process(tmp_model(tmp), env=environment) as (url, _),

@@ -18,9 +18,14 @@ if TYPE_CHECKING:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-# A developer's own configuration must not change what the tests see.
-for _name in [n for n in os.environ if n.startswith("COHEARA_") or n == "OLLAMA_HOST"]:
+# A developer's own configuration must not change what the tests see, and no test may
+# write into the developer's audit trail (the user data directory, XDG_DATA_HOME): the
+# audit is off unless a test turns it on with a path of its own.
+for _name in [
+    n for n in os.environ if n.startswith("COHEARA_") or n in ("OLLAMA_HOST", "XDG_DATA_HOME")
+]:
     del os.environ[_name]
+os.environ["COHEARA_AUDIT_ENABLED"] = "false"
 _EMPTY_CONFIG = Path(tempfile.mkdtemp(prefix="coheara-tests-")) / "empty.toml"
 _EMPTY_CONFIG.write_text("")
 os.environ["COHEARA_CONFIG"] = str(_EMPTY_CONFIG)

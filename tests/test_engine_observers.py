@@ -37,7 +37,18 @@ def test_a_call_is_recorded_once_with_its_result_and_context(
         assert call_context().client is None  # the block's context is gone
 
     asyncio.run(call())
-    [record] = records
+
+    # A server's non-streaming path closes the stream right after its result: still "ok".
+    async def close_after_result() -> None:
+        stream = subject.stream("Summarise: stable.", max_tokens=2)
+        async for chunk in stream:
+            if chunk.result is not None:
+                break
+        await stream.aclose()
+
+    asyncio.run(close_after_result())
+    record, closed = records
+    assert closed.outcome == "ok" and closed.error_class is None
     assert (record.outcome, record.error_class) == ("ok", None)
     assert (record.context.surface, record.context.client, record.context.request_id) == (
         "python",

@@ -17,8 +17,9 @@ Messages never contain patient text: they state numbers, model ids and fixes.
     │   └── BackendOverloadedError    exit 7   503  its queue is full: retry later
     ├── BackendTimeoutError           exit 8   504
     ├── BackendError                  exit 9   502  the runtime failed
-    └── OutputError                   exit 10  422  the model's output was unusable
-        └── OutputValidationError     exit 10  422  invalid after the repair retries
+    ├── OutputError                   exit 10  422  the model's output was unusable
+    │   └── OutputValidationError     exit 10  422  invalid after the repair retries
+    └── AuditIntegrityError           exit 11  500  the audit trail was altered
 """
 
 from __future__ import annotations
@@ -119,3 +120,10 @@ class OutputError(CohearaError):
 
 class OutputValidationError(OutputError):
     code = "output_invalid"
+
+
+class AuditIntegrityError(CohearaError):
+    """The audit trail's hash chain or head seal does not verify (`coheara audit verify`)."""
+
+    exit_code = 11
+    code = "audit_integrity"

@@ -46,6 +46,14 @@ def normalize_ollama_host(value: str) -> str:
     return f"{scheme}://{host}:{port}"
 
 
+def default_audit_path() -> Path:
+    """The platform's user data directory (XDG on Linux): `$XDG_DATA_HOME/coheara/audit.sqlite3`,
+    else `~/.local/share/coheara/audit.sqlite3`."""
+    base = os.environ.get("XDG_DATA_HOME") or ""
+    root = Path(base) if Path(base).is_absolute() else Path.home() / ".local" / "share"
+    return root / "coheara" / "audit.sqlite3"
+
+
 def config_file() -> Path | None:
     explicit = os.environ.get("COHEARA_CONFIG")
     if explicit:
@@ -121,6 +129,21 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(default=11435, ge=1, le=65535)
+
+    audit_enabled: bool | None = Field(
+        default=None,
+        description="The audit trail. Unset: on for `coheara serve`, off for `ask`, `run` and "
+        "`coheara.audit.attach` (the Python API); true: on for all; false: off everywhere.",
+    )
+    audit_path: Path = Field(
+        default_factory=default_audit_path,
+        description="The audit SQLite database (default: the user data directory).",
+    )
+    audit_key_file: Path | None = Field(
+        default=None,
+        description="The HMAC key of the audit digests and seal (default: audit.key beside "
+        "the database, created 0600 on first use); never stored in the database.",
+    )
 
     @field_validator("ollama_url")
     @classmethod

@@ -10,6 +10,8 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
+from coheara.audit import AuditLog
+from coheara.cli.audit import audited
 from coheara.cli.common import (
     BackendOption,
     ModelOption,
@@ -23,6 +25,7 @@ from coheara.engine import Engine, ExtractionResult, GenerationResult
 from coheara.errors import InvalidRequestError
 from coheara.imaging.limits import ImageLimits
 from coheara.imaging.prepare import Prepared, prepare, prepare_pair
+from coheara.settings import Settings
 
 
 def _load_schema(path: Path) -> dict[str, Any]:
@@ -128,6 +131,14 @@ def ask(
     modality: Annotated[
         str | None, typer.Option("--modality", help="Force the CT or MR recipe on DICOM.")
     ] = None,
+    header_field: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--header-field",
+            help="A DICOM code to show the model (repeatable): modality, body_part, "
+            "view_position. None by default: only pixels reach the model.",
+        ),
+    ] = None,
     tiles: Annotated[
         bool,
         typer.Option(
@@ -143,6 +154,10 @@ def ask(
 
     async def main() -> None:
         settings = settings_for(backend)
+        with audited(settings, backend=settings.backend, model=model) as audit:
+            await answer(settings, audit)
+
+    async def answer(settings: Settings, audit: AuditLog | None) -> None:
         loaded_schema = _load_schema(schema) if schema else None
         # Decoding a series or a large scan takes a while: off the event loop.
         prepared = await asyncio.to_thread(
@@ -156,12 +171,16 @@ def ask(
             settings.image_limits(),
         )
         async with Engine.from_config(model=model, url=url, settings=settings) as engine:
+            if audit is not None:
+                audit.attach(engine)
             result: GenerationResult | None = None
             streamed = False
             async for chunk in engine.stream(
                 None if prepared else prompt,
                 system=system,
-                messages=prepared.messages(prompt) if prepared else None,
+                messages=prepared.messages(prompt, header_fields=header_field or ())
+                if prepared
+                else None,
                 schema=loaded_schema,
                 max_tokens=max_tokens,
             ):

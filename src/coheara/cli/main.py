@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from coheara.cli.ask import ask
+from coheara.cli.audit import audit_app
 from coheara.cli.common import err_console, report
 from coheara.cli.dev import dev_app
 from coheara.cli.doctor import doctor
@@ -29,6 +30,7 @@ app.command()(tasks)
 app.command()(run)
 app.add_typer(dev_app, name="dev")
 app.add_typer(image_app, name="image")
+app.add_typer(audit_app, name="audit")
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ def serve(
 
     import uvicorn
 
+    from coheara.audit import AuditLog
     from coheara.engine import Engine
     from coheara.server.app import create_app
     from coheara.tasks import icd10
@@ -35,10 +36,21 @@ def serve(
     threading.Thread(target=icd10.preload, name="icd10-preload", daemon=True).start()
     settings = settings_for(backend, host=host, port=port)
     engine = Engine.from_config(model=model, url=url, settings=settings)
-    app = create_app(engine, settings, close_engine=True)
+    audit = AuditLog.from_settings(settings, default=True)  # on unless turned off
+    app = create_app(engine, settings, close_engine=True, audit=audit)
     err_console.print(
         f"coheara serving {settings.backend} backend on http://{settings.host}:{settings.port} "
         "(native /v1/generate, tasks /v1/tasks, OpenAI /v1/chat/completions, Ollama /api/chat)",
         markup=False,
     )
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    if audit is None:
+        err_console.print(
+            "warning: the audit trail is off (COHEARA_AUDIT_ENABLED=false)", markup=False
+        )
+    else:
+        err_console.print(f"audit trail: {audit.path}", markup=False)
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    finally:
+        if audit is not None:
+            audit.close()

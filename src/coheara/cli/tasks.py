@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from coheara.cli.audit import audited
 from coheara.cli.common import (
     BackendOption,
     ModelOption,
@@ -149,8 +150,11 @@ def run(
 
     async def main() -> TaskResponse:
         settings = settings_for(backend)
-        async with Engine.from_config(model=model, url=url, settings=settings) as engine:
-            return await run_task(engine, request or body, task=spec, images=list(image or ()))
+        with audited(settings, backend=settings.backend, model=model) as audit:
+            async with Engine.from_config(model=model, url=url, settings=settings) as engine:
+                if audit is not None:
+                    audit.attach(engine)
+                return await run_task(engine, request or body, task=spec, images=list(image or ()))
 
     response = asyncio.run(main())
     if output is Format.fhir:

@@ -562,6 +562,10 @@ class _Record:
     error: BaseException | None = None
 
     def finish(self) -> CallRecord:
+        if self.result is not None and isinstance(
+            self.error, GeneratorExit | asyncio.CancelledError
+        ):
+            self.error = None  # closed after its result was delivered: the call completed
         if self.error is None:
             outcome = "ok" if self.result is not None else "cancelled"
         elif isinstance(self.error, CohearaError):

@@ -6,13 +6,15 @@ validation apply to every dialect alike. Errors are mapped once, from
 `coheara.errors`, into each dialect's shape (`server/errors.py`).
 
 The app does not own the engine unless asked (`close_engine=True`): the CLI or
-a test that built it closes it.
+a test that built it closes it. With an audit trail (`audit=`), every engine call
+and every model request refused before the engine writes one record; whoever
+opened the trail closes it (the app flushes it at shutdown).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
@@ -26,6 +28,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from coheara import __version__
+from coheara.audit import AuditLog
 from coheara.engine import Engine
 from coheara.errors import CohearaError
 from coheara.server import native, ollama_api, openai_api, tasks_api
@@ -37,6 +40,7 @@ from coheara.server.errors import (
     unexpected_error_handler,
     validation_error_handler,
 )
+from coheara.server.middleware import CallContextMiddleware, http_outcome, note_failure
 from coheara.settings import Settings
 
 MAX_BODY_BYTES = 256 * 1024 * 1024
@@ -86,17 +90,25 @@ def create_app(
     *,
     close_engine: bool = False,
     max_body_bytes: int = MAX_BODY_BYTES,
+    audit: AuditLog | None = None,
 ) -> FastAPI:
     """The HTTP server for `engine`; `settings` defaults to the engine's own.
 
-    With `close_engine` the app closes the engine (and its backend) at shutdown.
+    With `close_engine` the app closes the engine (and its backend) at shutdown. With
+    `audit` every model call through any dialect is recorded in that trail (`coheara
+    serve` opens it from the settings); the app detaches and flushes it at shutdown.
     """
+    if audit is not None:
+        audit.attach(engine)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         if close_engine:
             await engine.aclose()
+        if audit is not None:
+            audit.detach(engine)
+            await asyncio.to_thread(audit.flush)
 
     app = FastAPI(
         title="Coheara",
@@ -106,6 +118,13 @@ def create_app(
         lifespan=lifespan,
     )
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    # Outermost: the request id and surface hold for everything inside, the 413 included.
+    app.add_middleware(
+        CallContextMiddleware,
+        audit=audit,
+        backend=engine.backend.name,
+        model=engine.backend.model or None,
+    )
     app.state.coheara = ServerState(engine, settings or engine.settings)
     app.include_router(native.router)
     app.include_router(openai_api.router)
@@ -130,13 +149,31 @@ def create_app(
             summary="Running probe (Ollama clients call it)",
             include_in_schema=listed,
         )
-    app.add_exception_handler(RequestValidationError, validation_error_handler)
-    app.add_exception_handler(CohearaError, coheara_error_handler)
-    app.add_exception_handler(HTTPException, http_error_handler)
-    app.add_exception_handler(ClientGone, _client_gone)
+    app.add_exception_handler(
+        RequestValidationError, _noting(validation_error_handler, lambda _: "validation_error")
+    )
+    app.add_exception_handler(CohearaError, _noting(coheara_error_handler))
+    app.add_exception_handler(
+        HTTPException,
+        _noting(http_error_handler, lambda exc: http_outcome(getattr(exc, "status_code", 0))),
+    )
+    app.add_exception_handler(ClientGone, _noting(_client_gone, lambda _: "cancelled"))
     app.add_exception_handler(Exception, unexpected_error_handler)
     _document_streams(app)
     return app
+
+
+Handler = Callable[[Request, Exception], Awaitable[Response]]
+
+
+def _noting(handler: Handler, outcome: Callable[[Exception], str] | None = None) -> Handler:
+    """`handler`, after telling the request's audit scope how the request failed."""
+
+    async def noted(request: Request, exc: Exception) -> Response:
+        note_failure(exc, outcome(exc) if outcome is not None else None)
+        return await handler(request, exc)
+
+    return noted
 
 
 class BodyLimit:

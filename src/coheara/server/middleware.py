@@ -1,0 +1,119 @@
+"""Who is calling and through which door, per request: the call context the audit reads.
+
+`CallContextMiddleware` gives every request a request id (the client's `X-Request-ID`
+when it is a plain token, else a new one), echoes it in the response's `X-Request-ID`,
+and sets `calling(request_id=..., surface=...)` for the request, the surface read from
+the route. With an audit trail, a model route's request also runs in an audit scope: a
+request refused before it reached the engine (an image that does not decode, a body
+that does not validate, an unknown model) still leaves one record, with its outcome.
+The app's error handlers name the outcome (`note_failure`).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from coheara.audit import AuditLog, current_scope
+from coheara.context import calling
+from coheara.errors import CohearaError
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+MODEL_ROUTES = frozenset(
+    {"/v1/generate", "/v1/extract", "/v1/chat/completions", "/api/chat", "/api/generate"}
+)
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+def surface_for(path: str) -> str | None:
+    """native, tasks, openai or ollama, by route; None for the others (health, docs)."""
+    if path in ("/v1/generate", "/v1/extract"):
+        return "native"
+    if path == "/v1/tasks" or path.startswith("/v1/tasks/"):
+        return "tasks"
+    if path.startswith("/v1/"):
+        return "openai"
+    if path == "/api" or path.startswith("/api/"):
+        return "ollama"
+    return None
+
+
+def is_model_call(method: str, path: str) -> bool:
+    return method == "POST" and (path in MODEL_ROUTES or path.startswith("/v1/tasks/"))
+
+
+def request_id_from(headers: Headers) -> str:
+    given = headers.get(REQUEST_ID_HEADER, "")
+    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
+def _task_fields(path: str) -> dict[str, Any]:
+    """A task route's task, only if it is a registered one (the path is the client's text)."""
+    from coheara.tasks import get_task
+
+    try:
+        spec = get_task(path.removeprefix("/v1/tasks/"))
+    except CohearaError:
+        return {}
+    return {"task_id": spec.id, "task_version": spec.version, "prompt_hash": spec.prompt_hash}
+
+
+def note_failure(error: BaseException, outcome: str | None = None) -> None:
+    """Tell the request's audit scope (if any) how the request failed: the stable code
+    (`outcome`, else the error's own), and the error's class; never its message."""
+    scope = current_scope()
+    if scope is None:
+        return
+    if outcome is None:
+        scope.failed_with(error)
+    else:
+        scope.failed(outcome, type(error).__name__)
+
+
+def http_outcome(status: int) -> str:
+    return _HTTP_CODES.get(status, "http_error")
+
+
+class CallContextMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        audit: AuditLog | None = None,
+        backend: str | None = None,
+        model: str | None = None,
+    ) -> None:
+        self.app = app
+        self.audit = audit
+        self.backend, self.model = backend, model
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        request_id = request_id_from(Headers(scope=scope))
+        status = 0
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                MutableHeaders(scope=message).append(REQUEST_ID_HEADER, request_id)
+            await send(message)
+
+        context: dict[str, Any] = {"request_id": request_id, "surface": surface_for(path)}
+        if self.audit is None or not is_model_call(scope["method"], path):
+            with calling(**context):
+                await self.app(scope, receive, send_with_id)
+            return
+        if context["surface"] == "tasks":
+            context.update(_task_fields(path))
+        with self.audit.scope(backend=self.backend, model=self.model, **context) as audit_scope:
+            await self.app(scope, receive, send_with_id)
+            if status >= 400:
+                audit_scope.failed(http_outcome(status), None)
