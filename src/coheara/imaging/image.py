@@ -306,18 +306,25 @@ def source_bytes(source: str | Path | bytes | bytearray | memoryview, label: str
     raise ImageError(f"unsupported image input type {type(source).__name__}")
 
 
-def read_file(path: Path, limit: int, *, dicom_allowed: bool = False) -> bytes:
-    """A file's bytes, refused over `limit` (a DICOM may use the DICOM limit instead)."""
+@contextmanager
+def file_errors() -> Iterator[None]:
+    """A file that cannot be read as one line that never quotes its path."""
     try:
-        if path.stat().st_size > limit and not (dicom_allowed and _file_is_dicom(path)):
-            raise ImageError(f"image file is larger than {limit} bytes")
-        return path.read_bytes()
+        yield
     except FileNotFoundError:
         raise ImageError("image file not found", hint="check the path") from None
     except IsADirectoryError:
         raise ImageError("image path is a folder, not a file") from None
     except OSError as exc:
         raise ImageError(f"cannot read image file: {exc.strerror}") from None
+
+
+def read_file(path: Path, limit: int, *, dicom_allowed: bool = False) -> bytes:
+    """A file's bytes, refused over `limit` (a DICOM may use the DICOM limit instead)."""
+    with file_errors():
+        if path.stat().st_size > limit and not (dicom_allowed and _file_is_dicom(path)):
+            raise ImageError(f"image file is larger than {limit} bytes")
+        return path.read_bytes()
 
 
 def _file_is_dicom(path: Path) -> bool:

@@ -43,7 +43,7 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from coheara.errors import ImageError
 from coheara.imaging import dicom as _dicom
 from coheara.imaging import limits
-from coheara.imaging.image import PreparedImage, Provenance
+from coheara.imaging.image import PreparedImage, Provenance, file_errors
 
 DEFAULT_MAX_SLICES = 85
 """Most slices sent to the model, as in Google's CT and MRI notebooks."""
@@ -247,7 +247,7 @@ def _read_header(ref: Path | bytes) -> tuple[Dataset, bool, int | None] | None:
     """The header without pixel data, whether anything (the pixel data) follows it, and
     where it stopped when the rest can be read from there (`_with_pixels`); None when the
     data is not DICOM."""
-    try:
+    with file_errors():
         if isinstance(ref, Path):
             most = limits.current().max_dicom_bytes
             size = ref.stat().st_size
@@ -262,10 +262,6 @@ def _read_header(ref: Path | bytes) -> tuple[Dataset, bool, int | None] | None:
         if not _dicom.looks_like_dicom(ref[:132]):
             return None
         return _header(io.BytesIO(ref), ref[:132], len(ref))
-    except FileNotFoundError:
-        raise ImageError("image file not found", hint="check the path") from None
-    except OSError as exc:
-        raise ImageError(f"cannot read image file: {exc.strerror}") from None
 
 
 def _header(handle: Any, head: bytes, size: int) -> tuple[Dataset, bool, int | None]:
@@ -817,18 +813,11 @@ def _rest_of(ref: Path | bytes, offset: int) -> bytes:
         if len(ref) > most:
             raise ImageError(f"DICOM data is larger than {most} bytes")
         return ref[offset:]
-    try:
-        with ref.open("rb") as handle:
-            if os.fstat(handle.fileno()).st_size > most:
-                raise ImageError(f"image file is larger than {most} bytes")
-            handle.seek(offset)
-            return handle.read()
-    except FileNotFoundError:
-        raise ImageError("image file not found", hint="check the path") from None
-    except IsADirectoryError:
-        raise ImageError("image path is a folder, not a file") from None
-    except OSError as exc:
-        raise ImageError(f"cannot read image file: {exc.strerror}") from None
+    with file_errors(), ref.open("rb") as handle:
+        if os.fstat(handle.fileno()).st_size > most:
+            raise ImageError(f"image file is larger than {most} bytes")
+        handle.seek(offset)
+        return handle.read()
 
 
 def _volume_range(decoded: list[_Decoded]) -> tuple[float, float]:

@@ -31,12 +31,12 @@ from pydantic import BaseModel, Field
 from coheara.errors import ImageError
 from coheara.tasks import fhir
 from coheara.tasks.sources import numbers_in
-from coheara.tasks.spec import Review, Statement, is_gap_marker
+from coheara.tasks.spec import POINT_OF_CARE_MS, Check, Review, Statement, TaskSpec, is_gap_marker
 
 if TYPE_CHECKING:
     from coheara.imaging.limits import ImageLimits
     from coheara.imaging.prepare import Prepared
-    from coheara.tasks.envelope import TaskRequest
+    from coheara.tasks.envelope import ArtifactContext, TaskRequest
 
 IMAGE_FIELDS = ("observation", "location", "impression", "limitations")
 """Draft keys whose text comes from the image: exempt from the shared number check (an
@@ -412,3 +412,44 @@ def _extra_notes(draft: Any) -> list[dict[str, str]]:
         }
         for c in changes
     ]
+
+
+RADIOLOGY = ("RAD", "Radiology")
+
+
+def imaging_task(
+    *,
+    task_id: str,
+    slug: str,
+    title: str,
+    role: str,
+    input_model: type[BaseModel],
+    instruction: Callable[[Any, ArtifactContext | None], str],
+    prepare_images: Callable[[list[Any], ImageLimits], Prepared],
+    description: str,
+    category: tuple[str, str] | None = RADIOLOGY,
+    output_model: type[BaseModel] = ImagingRead,
+    checks: tuple[Check, ...] = SINGLE_STUDY_CHECKS,
+    latency_target_ms: int | None = POINT_OF_CARE_MS,
+    version: str = "1.0.0",
+) -> TaskSpec:
+    """An image read's spec: what every read shares (mode, rules, number exemptions, the
+    DiagnosticReport form) filled in, what differs passed in."""
+    return TaskSpec(
+        id=task_id,
+        slug=slug,
+        title=title,
+        version=version,
+        mode="image",
+        system_prompt=system_prompt(role),
+        input_model=input_model,
+        output_model=output_model,
+        instruction=instruction,
+        checks=checks,
+        max_tokens=1024,
+        latency_target_ms=latency_target_ms,
+        number_exempt=NUMBER_EXEMPT,
+        to_fhir=fhir_builder(task_id, title, category),
+        prepare_images=prepare_images,
+        description=description,
+    )

@@ -14,17 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from coheara.tasks.envelope import ArtifactContext
 from coheara.tasks.roles._imaging import (
-    NUMBER_EXEMPT,
-    SINGLE_STUDY_CHECKS,
-    ImagingRead,
     context_lines,
-    fhir_builder,
     history_note,
+    imaging_task,
     lines,
     single_images,
-    system_prompt,
 )
-from coheara.tasks.spec import POINT_OF_CARE_MS, TaskSpec
 
 TASK_ID = "IMG-CXR"
 TITLE = "Chest X-ray read"
@@ -44,7 +39,7 @@ class ChestXrayInput(BaseModel):
     )
 
 
-SYSTEM_PROMPT = system_prompt(
+ROLE = (
     "You are a radiology assistant drafting a preliminary read of a chest X-ray for a "
     "radiologist or the treating clinician."
 )
@@ -68,21 +63,13 @@ def _instruction(data: Any, context: ArtifactContext | None) -> str:
     )
 
 
-TASK = TaskSpec(
-    id=TASK_ID,
+TASK = imaging_task(
+    task_id=TASK_ID,
     slug="chest-xray",
     title=TITLE,
-    version="1.0.0",
-    mode="image",
-    system_prompt=SYSTEM_PROMPT,
+    role=ROLE,
     input_model=ChestXrayInput,
-    output_model=ImagingRead,
     instruction=_instruction,
-    checks=SINGLE_STUDY_CHECKS,
-    max_tokens=1024,
-    latency_target_ms=POINT_OF_CARE_MS,
-    number_exempt=NUMBER_EXEMPT,
-    to_fhir=fhir_builder(TASK_ID, TITLE, ("RAD", "Radiology")),
     prepare_images=single_images(TASK_ID, 2, "a frontal view and optionally a lateral"),
     description="Chest X-ray (frontal, optional lateral) -> image findings (image-derived, "
     "located), impression, limitations, cited history; image numbers and invented "

@@ -15,18 +15,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from coheara.tasks.envelope import ArtifactContext
 from coheara.tasks.roles._imaging import (
-    NUMBER_EXEMPT,
     Quality,
     check_findings_present,
     check_image_numbers,
     context_lines,
-    fhir_builder,
     history_note,
+    imaging_task,
     lines,
     prepare_current_prior,
-    system_prompt,
 )
-from coheara.tasks.spec import POINT_OF_CARE_MS, Review, Statement, TaskSpec
+from coheara.tasks.spec import Review, Statement
 
 TASK_ID = "IMG-CXR-PRIOR"
 TITLE = "Chest X-ray comparison with prior"
@@ -79,7 +77,7 @@ class ChestXrayComparison(BaseModel):
     relevant_history: list[Statement] = Field(default_factory=list, max_length=4)
 
 
-SYSTEM_PROMPT = system_prompt(
+ROLE = (
     "You are a radiology assistant drafting a preliminary comparison of a current chest "
     "X-ray with the same patient's prior chest X-ray, for a radiologist or the treating "
     "clinician."
@@ -110,23 +108,17 @@ def check_changes_present(review: Review) -> None:
         review.gap("missing_section", "no comparison with the prior was stated", element="changes")
 
 
-TASK = TaskSpec(
-    id=TASK_ID,
+TASK = imaging_task(
+    task_id=TASK_ID,
     slug="chest-xray-prior",
     title=TITLE,
-    version="1.0.0",
-    mode="image",
-    system_prompt=SYSTEM_PROMPT,
+    role=ROLE,
     input_model=ComparisonInput,
-    output_model=ChestXrayComparison,
     instruction=_instruction,
-    checks=(check_image_numbers, check_findings_present, check_changes_present),
-    max_tokens=1024,
-    latency_target_ms=POINT_OF_CARE_MS,
-    number_exempt=NUMBER_EXEMPT,
-    to_fhir=fhir_builder(TASK_ID, TITLE, ("RAD", "Radiology")),
     prepare_images=prepare_current_prior,
     description="Current + prior chest X-ray (current first) -> current findings, changes "
     "(new/worse/improved/unchanged/resolved/uncertain; image-derived), impression, cited "
     "history and prior report.",
+    output_model=ChestXrayComparison,
+    checks=(check_image_numbers, check_findings_present, check_changes_present),
 )

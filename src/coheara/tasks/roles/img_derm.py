@@ -12,17 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from coheara.tasks.envelope import ArtifactContext
 from coheara.tasks.roles._imaging import (
-    NUMBER_EXEMPT,
-    SINGLE_STUDY_CHECKS,
-    ImagingRead,
     context_lines,
-    fhir_builder,
     history_note,
+    imaging_task,
     lines,
     single_images,
-    system_prompt,
 )
-from coheara.tasks.spec import POINT_OF_CARE_MS, TaskSpec
 
 TASK_ID = "IMG-DERM"
 TITLE = "Dermatology photo read"
@@ -37,7 +32,7 @@ class DermatologyInput(BaseModel):
     question: str | None = Field(None, max_length=300)
 
 
-SYSTEM_PROMPT = system_prompt(
+ROLE = (
     "You are a dermatology assistant drafting a preliminary description of clinical skin "
     "photographs for a dermatologist or the treating clinician."
 )
@@ -63,22 +58,15 @@ def _instruction(data: Any, context: ArtifactContext | None) -> str:
     )
 
 
-TASK = TaskSpec(
-    id=TASK_ID,
+TASK = imaging_task(
+    task_id=TASK_ID,
     slug="dermatology",
     title=TITLE,
-    version="1.0.0",
-    mode="image",
-    system_prompt=SYSTEM_PROMPT,
+    role=ROLE,
     input_model=DermatologyInput,
-    output_model=ImagingRead,
     instruction=_instruction,
-    checks=SINGLE_STUDY_CHECKS,
-    max_tokens=1024,
-    latency_target_ms=POINT_OF_CARE_MS,
-    number_exempt=NUMBER_EXEMPT,
-    to_fhir=fhir_builder(TASK_ID, TITLE, None),
     prepare_images=single_images(TASK_ID, 3, "overview, close-up, dermoscopy"),
     description="Skin photographs (up to 3) -> morphological findings (image-derived), "
     "impression with considerations, limitations, cited history.",
+    category=None,
 )

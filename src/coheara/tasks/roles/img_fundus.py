@@ -12,17 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from coheara.tasks.envelope import ArtifactContext
 from coheara.tasks.roles._imaging import (
-    NUMBER_EXEMPT,
-    SINGLE_STUDY_CHECKS,
-    ImagingRead,
     context_lines,
-    fhir_builder,
     history_note,
+    imaging_task,
     lines,
     single_images,
-    system_prompt,
 )
-from coheara.tasks.spec import POINT_OF_CARE_MS, TaskSpec
 
 TASK_ID = "IMG-FUNDUS"
 TITLE = "Fundus photo read"
@@ -38,7 +33,7 @@ class FundusInput(BaseModel):
     question: str | None = Field(None, max_length=300)
 
 
-SYSTEM_PROMPT = system_prompt(
+ROLE = (
     "You are an ophthalmology assistant drafting a preliminary description of colour "
     "retinal fundus photographs for an ophthalmologist or the treating clinician."
 )
@@ -62,22 +57,15 @@ def _instruction(data: Any, context: ArtifactContext | None) -> str:
     )
 
 
-TASK = TaskSpec(
-    id=TASK_ID,
+TASK = imaging_task(
+    task_id=TASK_ID,
     slug="fundus",
     title=TITLE,
-    version="1.0.0",
-    mode="image",
-    system_prompt=SYSTEM_PROMPT,
+    role=ROLE,
     input_model=FundusInput,
-    output_model=ImagingRead,
     instruction=_instruction,
-    checks=SINGLE_STUDY_CHECKS,
-    max_tokens=1024,
-    latency_target_ms=POINT_OF_CARE_MS,
-    number_exempt=NUMBER_EXEMPT,
-    to_fhir=fhir_builder(TASK_ID, TITLE, None),
     prepare_images=single_images(TASK_ID, 2, "one per eye"),
     description="Fundus photographs (one per eye) -> disc, macula, vessel and lesion "
     "findings (image-derived), impression, limitations, cited history.",
+    category=None,
 )

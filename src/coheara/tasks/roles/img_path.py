@@ -16,17 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from coheara.tasks.envelope import ArtifactContext
 from coheara.tasks.roles._imaging import (
-    NUMBER_EXEMPT,
-    SINGLE_STUDY_CHECKS,
-    ImagingRead,
     context_lines,
-    fhir_builder,
     history_note,
+    imaging_task,
     lines,
     prepare_patches,
-    system_prompt,
 )
-from coheara.tasks.spec import TaskSpec
 
 TASK_ID = "IMG-PATH"
 TITLE = "Pathology slide read"
@@ -43,7 +38,7 @@ class PathologyInput(BaseModel):
     question: str | None = Field(None, max_length=300)
 
 
-SYSTEM_PROMPT = system_prompt(
+ROLE = (
     "You are a pathology assistant drafting a preliminary histology description of slide "
     "patches for a pathologist."
 )
@@ -67,23 +62,17 @@ def _instruction(data: Any, context: ArtifactContext | None) -> str:
     )
 
 
-TASK = TaskSpec(
-    id=TASK_ID,
+TASK = imaging_task(
+    task_id=TASK_ID,
     slug="pathology",
     title=TITLE,
-    version="1.0.0",
-    mode="image",
-    system_prompt=SYSTEM_PROMPT,
+    role=ROLE,
     input_model=PathologyInput,
-    output_model=ImagingRead,
     instruction=_instruction,
-    checks=SINGLE_STUDY_CHECKS,
-    max_tokens=1024,
-    latency_target_ms=None,
-    number_exempt=NUMBER_EXEMPT,
-    to_fhir=fhir_builder(TASK_ID, TITLE, ("SP", "Surgical Pathology")),
     prepare_images=prepare_patches,
     description="Histology picture(s) -> tissue tiles (background skipped, spatial order, "
     "<= 126) -> findings located by PATCH (image-derived), impression, limitations, cited "
     "history. Best effort.",
+    category=("SP", "Surgical Pathology"),
+    latency_target_ms=None,
 )

@@ -16,17 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from coheara.tasks.envelope import ArtifactContext
 from coheara.tasks.roles._imaging import (
-    NUMBER_EXEMPT,
-    SINGLE_STUDY_CHECKS,
-    ImagingRead,
     context_lines,
-    fhir_builder,
     history_note,
+    imaging_task,
     lines,
     prepare_volume,
-    system_prompt,
 )
-from coheara.tasks.spec import TaskSpec
 
 TASK_ID = "IMG-VOLUME"
 TITLE = "CT or MR volume read"
@@ -45,7 +40,7 @@ class VolumeInput(BaseModel):
     question: str | None = Field(None, max_length=300)
 
 
-SYSTEM_PROMPT = system_prompt(
+ROLE = (
     "You are a radiology assistant drafting a preliminary read of a CT or MRI volume for a "
     "radiologist or the treating clinician."
 )
@@ -70,22 +65,15 @@ def _instruction(data: Any, context: ArtifactContext | None) -> str:
     )
 
 
-TASK = TaskSpec(
-    id=TASK_ID,
+TASK = imaging_task(
+    task_id=TASK_ID,
     slug="ct-mr-volume",
     title=TITLE,
-    version="1.0.0",
-    mode="image",
-    system_prompt=SYSTEM_PROMPT,
+    role=ROLE,
     input_model=VolumeInput,
-    output_model=ImagingRead,
     instruction=_instruction,
-    checks=SINGLE_STUDY_CHECKS,
-    max_tokens=1024,
-    latency_target_ms=None,
-    number_exempt=NUMBER_EXEMPT,
-    to_fhir=fhir_builder(TASK_ID, TITLE, ("RAD", "Radiology")),
     prepare_images=prepare_volume,
     description="One CT or MR series (ordered, sampled to 85 slices, windowed) -> findings "
     "located by SLICE (image-derived), impression, limitations, cited history. Best effort.",
+    latency_target_ms=None,
 )
