@@ -26,9 +26,12 @@ for _name in [
 ]:
     del os.environ[_name]
 os.environ["COHEARA_AUDIT_ENABLED"] = "false"
-_EMPTY_CONFIG = Path(tempfile.mkdtemp(prefix="coheara-tests-")) / "empty.toml"
+_TEST_HOME = Path(tempfile.mkdtemp(prefix="coheara-tests-"))
+_EMPTY_CONFIG = _TEST_HOME / "empty.toml"
 _EMPTY_CONFIG.write_text("")
 os.environ["COHEARA_CONFIG"] = str(_EMPTY_CONFIG)
+# Keys, audit and retained content default to the user data directory: a scratch one here.
+os.environ["XDG_DATA_HOME"] = str(_TEST_HOME / "data")
 
 
 @pytest.fixture(scope="session", autouse=True)

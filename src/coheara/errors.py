@@ -10,8 +10,12 @@ Messages never contain patient text: they state numbers, model ids and fixes.
     │   ├── ImageError                exit 4   400
     │   ├── UnsupportedCapabilityError exit 4  400  e.g. image to a text-only model
     │   ├── TaskNotFoundError         exit 4   404  no task with that id
+    │   ├── RequestTooLargeError      exit 4   413  body, text or image count over a limit
     │   └── ContextOverflowError      exit 5   400  shorten the input or raise the window
     │       └── SilentTruncationError exit 5   400  the backend dropped part of the prompt
+    ├── AuthenticationError           exit 12  401  no API key, or not a valid one
+    ├── PermissionDeniedError         exit 12  403  the key may not call this
+    ├── ServerBusyError               exit 7   429  this server's queue is full: retry after
     ├── ModelNotFoundError            exit 6   404  pull or configure the model
     ├── BackendUnavailableError       exit 7   503  start the runtime, or retry later
     │   └── BackendOverloadedError    exit 7   503  its queue is full: retry later
@@ -74,6 +78,11 @@ class TaskNotFoundError(InvalidRequestError):
     code = "task_not_found"
 
 
+class RequestTooLargeError(InvalidRequestError):
+    http_status = 413
+    code = "request_too_large"
+
+
 class ContextOverflowError(InvalidRequestError):
     exit_code = 5
     code = "context_length_exceeded"
@@ -81,6 +90,35 @@ class ContextOverflowError(InvalidRequestError):
 
 class SilentTruncationError(ContextOverflowError):
     code = "prompt_truncated"
+
+
+class AuthenticationError(CohearaError):
+    """No API key, or one that is unknown or revoked; never says which."""
+
+    http_status = 401
+    exit_code = 12
+    code = "invalid_api_key"
+
+
+class PermissionDeniedError(CohearaError):
+    """A valid key that may not call this endpoint or task."""
+
+    http_status = 403
+    exit_code = 12
+    code = "permission_denied"
+
+
+class ServerBusyError(CohearaError):
+    """This server's admission queue is full. `retry_after_s` goes out as Retry-After;
+    the Ollama dialect answers 503 (what Ollama itself answers when its queue is full)."""
+
+    http_status = 429
+    exit_code = 7
+    code = "server_busy"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.retry_after_s = retry_after_s
 
 
 class ModelNotFoundError(CohearaError):

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -46,12 +47,24 @@ def normalize_ollama_host(value: str) -> str:
     return f"{scheme}://{host}:{port}"
 
 
-def default_audit_path() -> Path:
-    """The platform's user data directory (XDG on Linux): `$XDG_DATA_HOME/coheara/audit.sqlite3`,
-    else `~/.local/share/coheara/audit.sqlite3`."""
+def data_dir() -> Path:
+    """The platform's user data directory (XDG on Linux): `$XDG_DATA_HOME/coheara`, else
+    `~/.local/share/coheara`."""
     base = os.environ.get("XDG_DATA_HOME") or ""
     root = Path(base) if Path(base).is_absolute() else Path.home() / ".local" / "share"
-    return root / "coheara" / "audit.sqlite3"
+    return root / "coheara"
+
+
+def default_audit_path() -> Path:
+    return data_dir() / "audit.sqlite3"
+
+
+def default_keys_path() -> Path:
+    return data_dir() / "keys.json"
+
+
+CommaList = Annotated[list[str], NoDecode]
+"""A list setting: a TOML array, or in the environment a comma-separated string."""
 
 
 def config_file() -> Path | None:
@@ -130,6 +143,50 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=11435, ge=1, le=65535)
 
+    # ----- access (coheara serve) -----
+    keys_path: Path = Field(
+        default_factory=default_keys_path,
+        description="The API keys (salted hashes only), managed by `coheara keys`. With at "
+        "least one active key every API route needs one; with none, `serve` binds loopback only.",
+    )
+    allowed_backend_hosts: CommaList = Field(
+        default_factory=list,
+        description="Hosts (names, addresses or CIDR ranges) a backend URL may point to besides "
+        "loopback; any other backend URL is refused at start-up (the egress guard).",
+    )
+    tls_certfile: Path | None = Field(default=None, description="PEM certificate: serve HTTPS.")
+    tls_keyfile: Path | None = Field(default=None, description="PEM private key of tls_certfile.")
+
+    # ----- load and faults (coheara serve) -----
+    max_body_bytes: int = Field(default=256 * 1024 * 1024, ge=1024, description="413 beyond.")
+    max_text_chars: int = Field(
+        default=1_000_000, ge=1, description="Characters of text in one request; 413 beyond."
+    )
+    max_concurrency: int = Field(
+        default=4, ge=1, le=1024, description="Model calls in flight per backend endpoint."
+    )
+    max_queue: int = Field(
+        default=64, ge=0, le=100_000, description="Calls waiting for a slot; 429/503 beyond."
+    )
+    queue_timeout_s: float = Field(
+        default=60.0, gt=0, description="Longest wait for a slot before a 429/503."
+    )
+    first_token_timeout_s: float = Field(
+        default=120.0, gt=0, description="Longest wait for the backend's first token."
+    )
+    backend_replicas: CommaList = Field(
+        default_factory=list,
+        description="More endpoints of the same runtime (URLs), served together with the "
+        "configured one: health-checked, least busy first, failed over before the first token.",
+    )
+    health_interval_s: float = Field(default=10.0, gt=0, description="Replica health checks.")
+    eject_after_failures: int = Field(
+        default=3, ge=1, description="Consecutive failures that take a replica out of rotation."
+    )
+    metrics_enabled: bool = Field(default=True, description="Prometheus /metrics.")
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
     audit_enabled: bool | None = Field(
         default=None,
         description="The audit trail. Unset: on for `coheara serve`, off for `ask`, `run` and "
@@ -144,6 +201,27 @@ class Settings(BaseSettings):
         description="The HMAC key of the audit digests and seal (default: audit.key beside "
         "the database, created 0600 on first use); never stored in the database.",
     )
+    audit_retain_content: bool = Field(
+        default=False,
+        description="Keep each call's full input and output text, encrypted (AES-GCM), for "
+        "audit_retention_days; off by default. Needs a content key.",
+    )
+    audit_content_key: SecretStr | None = Field(
+        default=None, description="The content key: 32 bytes, base64 (environment only)."
+    )
+    audit_content_key_file: Path | None = Field(
+        default=None, description="A file holding the content key (base64); never the database."
+    )
+    audit_retention_days: float = Field(
+        default=30.0, gt=0, description="Retained content is purged after this many days."
+    )
+
+    @field_validator("allowed_backend_hosts", "backend_replicas", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
 
     @field_validator("ollama_url")
     @classmethod
