@@ -119,6 +119,18 @@ class Health:
     version: str | None = None
 
 
+@dataclass(frozen=True)
+class EndpointStatus:
+    """One endpoint (a runtime's URL, or a model in process) as routing and metrics see it."""
+
+    name: str
+    """The URL without credentials, or the backend's name for an in-process model."""
+    healthy: bool | None
+    """None until checked."""
+    in_flight: int = 0
+    consecutive_failures: int = 0
+
+
 class Backend(ABC):
     """A runtime. Subclasses implement `stream`, `capabilities`, `health`."""
 
@@ -145,6 +157,10 @@ class Backend(ABC):
     def context_window(self) -> int | None:
         """The window this deployment runs with, where the backend fixes one (Ollama's num_ctx)."""
         return None
+
+    def endpoints(self) -> list[EndpointStatus]:
+        """The endpoints behind this backend: one, unless it is a pool of replicas."""
+        return [EndpointStatus(name=self.name, healthy=None)]
 
     async def chat(self, request: ChatRequest) -> tuple[str, StreamEvent]:
         """Non-streaming convenience: the whole text and the closing event."""

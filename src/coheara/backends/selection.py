@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
+from coheara.access.egress import check_backend_url
 from coheara.backends.base import Backend, Capabilities, ChatRequest, Health, StreamEvent
 from coheara.errors import BackendUnavailableError, CohearaError, ConfigurationError
 from coheara.settings import Settings
@@ -20,6 +21,10 @@ def create_backend(
 ) -> Backend:
     name = settings.backend
     model = model or settings.model
+    if name in ("ollama", "auto"):
+        check_backend_url(url or settings.ollama_url, settings.allowed_backend_hosts)
+    elif name == "openai":
+        check_backend_url(url or settings.openai_url, settings.allowed_backend_hosts)
     if name == "ollama":
         from coheara.backends.ollama import OllamaBackend
 

@@ -1,0 +1,1 @@
+"""Who may call the service, and where the service may send data."""
