@@ -70,7 +70,10 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("label", "mode"), CASES, ids=[f"{l}-{m.value}" for l, m in CASES])
+IDS = [f"{label}-{mode.value}" for label, mode in CASES]
+
+
+@pytest.mark.parametrize(("label", "mode"), CASES, ids=IDS)
 def test_every_operation_answers_as_documented(
     label: str, mode: GenerationMode, service: str
 ) -> None:
