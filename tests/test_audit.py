@@ -660,7 +660,11 @@ def test_appends_from_two_logs_keep_one_chain(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def cli_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     home = tmp_path_factory.mktemp("home")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("COHEARA_", "OLLAMA_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("COHEARA_", "OLLAMA_")) and k != "XDG_DATA_HOME"
+    }  # the user data directory under this HOME
     env.update({"HOME": str(home), "NO_COLOR": "1", "COLUMNS": "200"})
     return env
 
@@ -753,7 +757,8 @@ def test_a_version_1_trail_is_upgraded_in_place(tmp_path: Path) -> None:
     assert migrate(connection, upto=1) == 1
     old = AuditRecord(time=iso_time(1_700_000_000.0), outcome="ok", key_id=key.key_id)
     link(old, 1, GENESIS)
-    row = {k: v for k, v in old.row().items() if k != "image_digests"}
+    later = ("image_digests", "endpoint", "failovers")  # columns of versions 2 and 3
+    row = {k: v for k, v in old.row().items() if k not in later}
     connection.execute(
         f"INSERT INTO records ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})",
         list(row.values()),
@@ -767,9 +772,9 @@ def test_a_version_1_trail_is_upgraded_in_place(tmp_path: Path) -> None:
     with AuditLog.open(path) as log:
         log.observe(synthetic(1))
     store = AuditStore(path)
-    assert store.version() == SCHEMA_VERSION == 2
+    assert store.version() == SCHEMA_VERSION == 3
     columns = {r[1] for r in sqlite3.connect(path).execute("PRAGMA table_info(records)")}
-    assert "image_digests" in columns and store.count() == 2
+    assert {"image_digests", "endpoint", "failovers"} <= columns and store.count() == 2
     store.close()
     assert verdict(path) == (None, "")
 

@@ -6,9 +6,11 @@ chain.py     the hash chain, the head seal and `verify`
 store.py     SQLite (WAL) with versioned migrations
 observer.py  `AuditLog`: the engine observer and its writer thread
 export.py    records as FHIR R5 AuditEvents
+content.py   optional retention of each call's content, AES-GCM encrypted, purged on time
 """
 
 from coheara.audit.chain import Verdict, verify
+from coheara.audit.content import ContentKey
 from coheara.audit.digest import AuditKey
 from coheara.audit.observer import AuditLog, attach, current_scope, default_key_file
 from coheara.audit.record import AuditRecord
@@ -19,6 +21,7 @@ __all__ = [
     "AuditLog",
     "AuditRecord",
     "AuditStore",
+    "ContentKey",
     "Verdict",
     "attach",
     "current_scope",

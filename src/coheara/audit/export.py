@@ -2,9 +2,11 @@
 
 One AuditEvent per record: `action` E (execute), `occurredPeriod` the call, `outcome`
 the FHIR severity code with Coheara's stable code beside it, the calling client and
-the model as agents, Coheara as the source, and the request as the entity, whose
-`detail` carries everything else (task, tokens, timings, validation flags, digests and
-the chain links), so an export holds the whole record and no patient data.
+the model as agents (the model's `network` is the endpoint that answered), Coheara as
+the source, and the request as the entity, whose `detail` carries everything else
+(task, tokens, timings, validation flags, digests, failovers and the chain links), so
+an export holds the whole record and no patient data. Retained content is never
+exported.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ _DETAILS: tuple[tuple[str, str], ...] = (
     ("input_digest", "valueString"),
     ("output_digest", "valueString"),
     ("image_digests", "valueString"),
+    ("endpoint", "valueString"),
+    ("failovers", "valueInteger"),
     ("prev_hash", "valueString"),
     ("record_hash", "valueString"),
 )
@@ -124,7 +128,12 @@ def audit_event(record: AuditRecord) -> dict[str, Any]:
         },
         "agent": [
             {"type": {"text": "client"}, "who": client, "requestor": True},
-            {"type": {"text": "model"}, "who": {"display": model}, "requestor": False},
+            {
+                "type": {"text": "model"},
+                "who": {"display": model},
+                "requestor": False,
+                **_network(record.endpoint),
+            },
         ],
         "source": {
             "observer": {"display": f"coheara {__version__}"},
@@ -154,6 +163,13 @@ def bundle(records: list[AuditRecord]) -> dict[str, Any]:
     ]
     document = {"resourceType": "Bundle", "type": "collection", "entry": entries}
     return Bundle.model_validate(document).model_dump(mode="json", exclude_none=True)
+
+
+def _network(endpoint: str | None) -> dict[str, str]:
+    """Where the model answered: the endpoint's URL (credentials never stored), or its name."""
+    if not endpoint:
+        return {}
+    return {"networkUri" if "://" in endpoint else "networkString": endpoint}
 
 
 def _instant(moment: datetime) -> str:

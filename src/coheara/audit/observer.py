@@ -7,6 +7,10 @@ several per transaction when calls come faster than one commit. `flush()` waits 
 what was queued; `close()` writes the rest and stops. The queue is bounded: a writer
 that falls behind slows its callers down rather than letting records pile up.
 
+Where content retention is on (a `ContentKey`), the writer also encrypts each call's
+input and output into the content table, and purges content older than the retention
+period: when it starts and then every `PURGE_INTERVAL_S`.
+
 A request refused before it reached the engine (an image that does not decode, a
 task input that does not validate) is a call attempt too: inside `scope()`, a block
 that fails without any engine call leaves one record with its outcome.
@@ -27,8 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from coheara.audit import content
+from coheara.audit.content import ContentKey
 from coheara.audit.digest import AuditKey
-from coheara.audit.record import build
+from coheara.audit.record import build, iso_time
 from coheara.audit.store import AuditStore
 from coheara.context import CallContext, call_context, calling
 from coheara.engine.engine import CallRecord
@@ -45,6 +51,8 @@ BATCH = 256
 LINGER_S = 0.01
 """How long the writer waits for more records before it commits: under load, one
 transaction carries many records (a commit costs more than a record)."""
+PURGE_INTERVAL_S = 3600.0
+DEFAULT_RETENTION_DAYS = 30.0
 
 
 def default_key_file(path: Path) -> Path:
@@ -108,9 +116,26 @@ class AuditLog:
     Attach it to an engine (`attach`) or hand `observe` to `engine.observers` yourself.
     """
 
-    def __init__(self, path: Path, key: AuditKey, *, queue_size: int = QUEUE_SIZE) -> None:
+    def __init__(
+        self,
+        path: Path,
+        key: AuditKey,
+        *,
+        queue_size: int = QUEUE_SIZE,
+        content_key: ContentKey | None = None,
+        retention_days: float = DEFAULT_RETENTION_DAYS,
+        purge_interval_s: float = PURGE_INTERVAL_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """`content_key`: retain each call's content, encrypted (None: retain nothing);
+        content older than `retention_days` (by `clock`, Unix time) is purged either way."""
         self.path = path.expanduser()
         self.key = key
+        self.content_key = content_key
+        self.retention_days = retention_days
+        self.purge_interval_s = purge_interval_s
+        self.clock = clock
+        self.purged = 0
         self._store = AuditStore(self.path)  # migrated now: a bad path fails at start-up
         self._queue: queue.Queue[Any] = queue.Queue(queue_size)
         self._closed = False
@@ -126,11 +151,11 @@ class AuditLog:
     # ----- opening --------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: Path, key_file: Path | None = None) -> AuditLog:
+    def open(cls, path: Path, key_file: Path | None = None, **options: Any) -> AuditLog:
         """The trail in `path`, its key in `key_file` (default `audit.key` beside it),
-        each created on first use."""
+        each created on first use; `options` as for the constructor."""
         key = AuditKey.load(key_file or default_key_file(path), create=True)
-        return cls(path, key)
+        return cls(path, key, **options)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, default: bool) -> AuditLog | None:
@@ -139,7 +164,13 @@ class AuditLog:
         enabled = settings.audit_enabled if settings.audit_enabled is not None else default
         if not enabled:
             return None
-        return cls.open(settings.audit_path, settings.audit_key_file)
+        content_key = ContentKey.required(settings) if settings.audit_retain_content else None
+        return cls.open(
+            settings.audit_path,
+            settings.audit_key_file,
+            content_key=content_key,
+            retention_days=settings.audit_retention_days,
+        )
 
     # ----- observing ------------------------------------------------------------------
 
@@ -239,9 +270,20 @@ class AuditLog:
         return AuditStore(self.path)
 
     def _run(self) -> None:
+        self._purge()
+        next_purge = time.monotonic() + self.purge_interval_s
         stop = False
         while not stop:
-            batch = [self._queue.get()]
+            try:
+                first = self._queue.get(timeout=max(0.0, next_purge - time.monotonic()))
+            except queue.Empty:
+                first = None
+            if time.monotonic() >= next_purge:
+                self._purge()
+                next_purge = time.monotonic() + self.purge_interval_s
+            if first is None:
+                continue
+            batch = [first]
             deadline = time.monotonic() + LINGER_S
             while len(batch) < BATCH and isinstance(batch[-1], tuple):  # a flush, a stop: now
                 try:
@@ -260,21 +302,50 @@ class AuditLog:
             return
         started = time.perf_counter()
         records = []
+        contents: list[bytes | None] | None = [] if self.content_key is not None else None
         for call, backend, model in calls:
             try:
-                records.append(build(call, self.key, backend, model))
+                record = build(call, self.key, backend, model)
+                retained = (
+                    content.document(call, record.image_digest_list)
+                    if contents is not None
+                    else None
+                )
             except Exception as exc:  # the class only: a message may quote the input
                 self.errors += 1
                 log.error("audit: cannot build a record (%s)", type(exc).__name__)
+                continue
+            records.append(record)
+            if contents is not None:
+                contents.append(retained)
         built = time.perf_counter()
         try:
-            self._store.append(records, self.key)
+            self._store.append(records, self.key, contents, self.content_key)
         except Exception as exc:
             self.errors += len(records)
             log.error("audit: cannot write %d record(s) (%s)", len(records), type(exc).__name__)
             return
         self.written += len(records)
         self.costs.append((len(records), built - started, time.perf_counter() - built))
+
+    def purge(self) -> int:
+        """Delete retained content older than the retention period, now (the writer does
+        it on its own at start and every `purge_interval_s`); returns the rows deleted."""
+        store = AuditStore(self.path)
+        try:
+            return store.purge_content(self._cutoff())
+        finally:
+            store.close()
+
+    def _cutoff(self) -> str:
+        return iso_time(self.clock() - self.retention_days * 86400.0)
+
+    def _purge(self) -> None:
+        try:
+            self.purged += self._store.purge_content(self._cutoff())
+        except Exception as exc:
+            self.errors += 1
+            log.error("audit: cannot purge retained content (%s)", type(exc).__name__)
 
 
 def attach(engine: Engine, settings: Settings | None = None) -> AuditLog | None:

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from coheara.audit.digest import AuditKey
 from coheara.engine.engine import CallRecord
@@ -57,6 +58,10 @@ class AuditRecord:
     output_digest: str | None = None
     image_digests: str | None = None
     """A JSON array of each image's digest, in prompt order (schema version 2)."""
+    endpoint: str | None = None
+    """Which backend endpoint answered (a replica's URL, without credentials; version 3)."""
+    failovers: int | None = None
+    """How many endpoints failed before the one that answered (version 3)."""
     prev_hash: str = ""
     record_hash: str = ""
 
@@ -124,7 +129,29 @@ def build(
         if isinstance(result, ExtractionResult):
             record.strategy = result.strategy
         record.output_digest = key.output_digest(result)
+        record.endpoint = endpoint_name(getattr(result, "endpoint", None))
+        failovers = getattr(result, "failovers", None)
+        record.failovers = failovers if isinstance(failovers, int) and failovers >= 0 else None
     return record
+
+
+def endpoint_name(endpoint: object) -> str | None:
+    """An endpoint as a record keeps it: a URL's scheme, host, port and path, never its
+    user name, password, query or fragment (where credentials and tokens travel)."""
+    if endpoint is None:
+        return None
+    text = str(endpoint).strip()
+    if "://" not in text:
+        return text[:200] if "@" not in text else text.rsplit("@", 1)[-1][:200]
+    try:
+        parts = urlsplit(text)
+        host, port = parts.hostname or "", parts.port
+    except ValueError:
+        return None
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{port}" if port is not None else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))[:200]
 
 
 def iso_time(unix: float) -> str:

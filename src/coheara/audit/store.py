@@ -7,6 +7,9 @@ move the head seal, all in one transaction: several processes (a server, a CLI r
 may append to one trail without breaking the chain. `synchronous=NORMAL` in WAL mode: a
 commit is durable against a process crash, and costs no fsync (a power loss may lose
 the last commits, never corrupt the chain).
+
+Retained content (version 3) lives in a table of its own, encrypted, outside the chain;
+`secure_delete` zeroes what a purge deletes and the purge truncates the WAL after it.
 """
 
 from __future__ import annotations
@@ -14,9 +17,12 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Generator, Iterator, Sequence
 from contextlib import closing, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from coheara.audit.chain import GENESIS, Head, link
+from coheara.audit.content import ContentKey
 from coheara.audit.digest import AuditKey
 from coheara.audit.record import COLUMNS, AuditRecord
 from coheara.errors import ConfigurationError
@@ -62,6 +68,16 @@ CREATE TABLE head (
 )
 """
 
+_CONTENT_V3 = """
+CREATE TABLE content (
+    seq INTEGER PRIMARY KEY,
+    time TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    nonce BLOB NOT NULL,
+    ciphertext BLOB NOT NULL
+)
+"""
+
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 1: the records and the sealed head.
     (_RECORDS_V1, _HEAD_V1),
@@ -70,8 +86,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE records ADD COLUMN image_digests TEXT",
         "CREATE INDEX records_time ON records (time)",
     ),
+    # 3: which endpoint answered and after how many failovers; retained content, encrypted,
+    # one row per record (its seq and time), outside the chain so that it can be purged.
+    (
+        "ALTER TABLE records ADD COLUMN endpoint TEXT",
+        "ALTER TABLE records ADD COLUMN failovers INTEGER",
+        _CONTENT_V3,
+        "CREATE INDEX content_time ON content (time)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+BUSY_TIMEOUT_S = 10.0
 
 
 def connect(path: Path, *, create: bool = True, readonly: bool = False) -> sqlite3.Connection:
@@ -85,7 +110,10 @@ def connect(path: Path, *, create: bool = True, readonly: bool = False) -> sqlit
     try:
         if readonly:
             connection = sqlite3.connect(
-                f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None, timeout=10.0
+                f"{path.resolve().as_uri()}?mode=ro",
+                uri=True,
+                isolation_level=None,
+                timeout=BUSY_TIMEOUT_S,
             )
             connection.row_factory = sqlite3.Row
             return connection
@@ -93,11 +121,13 @@ def connect(path: Path, *, create: bool = True, readonly: bool = False) -> sqlit
         if create:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         connection = sqlite3.connect(
-            path, isolation_level=None, check_same_thread=False, timeout=10.0
+            path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_S
         )
         connection.row_factory = sqlite3.Row
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=NORMAL")
+        # Deleted rows (purged content) are overwritten with zeros, not left in free pages.
+        connection.execute("PRAGMA secure_delete=ON")
         if new:  # the journal files SQLite makes beside it take the same permissions
             path.chmod(0o600)
     except (OSError, sqlite3.Error) as exc:
@@ -164,14 +194,25 @@ class AuditStore:
             self._connection.close()
             raise ConfigurationError(f"{self.path} is not an audit trail (no schema)")
         self._columns = _columns(self._connection)
+        self._checkpoint_pending = False
 
     def close(self) -> None:
         self._connection.close()
 
-    def append(self, records: Sequence[AuditRecord], key: AuditKey) -> None:
-        """Link `records` after the trail's end and move the seal, in one transaction."""
+    def append(
+        self,
+        records: Sequence[AuditRecord],
+        key: AuditKey,
+        contents: Sequence[bytes | None] | None = None,
+        content_key: ContentKey | None = None,
+    ) -> None:
+        """Link `records` after the trail's end and move the seal, in one transaction;
+        `contents`: each record's content document (or None), encrypted with `content_key`
+        and bound to the record once its number and hash are known."""
         if not records:
             return
+        if contents is not None and (content_key is None or len(contents) != len(records)):
+            raise ValueError("contents need a content key and one entry per record")
         connection = self._connection
         names = [c for c in COLUMNS if c in self._columns]
         insert = (
@@ -188,6 +229,21 @@ class AuditStore:
                 row = record.row()
                 rows.append([row[name] for name in names])
             connection.executemany(insert, rows)
+            if contents is not None and content_key is not None:
+                sealed = []
+                for record, plaintext in zip(records, contents, strict=True):
+                    if plaintext is not None:
+                        nonce, ciphertext = content_key.encrypt(
+                            plaintext, record.seq, record.record_hash
+                        )
+                        sealed.append(
+                            (record.seq, record.time, content_key.key_id, nonce, ciphertext)
+                        )
+                connection.executemany(
+                    "INSERT INTO content (seq, time, key_id, nonce, ciphertext) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    sealed,
+                )
             connection.execute(
                 "INSERT INTO head (id, seq, record_hash, seal) VALUES (1, ?, ?, ?) "
                 "ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, "
@@ -235,6 +291,70 @@ class AuditStore:
 
     def version(self) -> int:
         return int(self._connection.execute("PRAGMA user_version").fetchone()[0])
+
+    # ----- retained content -------------------------------------------------------------
+
+    def content(self, seq: int) -> StoredContent | None:
+        """Record `seq`'s encrypted content and the record fields it is bound to."""
+        if not self._has_content():
+            return None
+        row = self._connection.execute(
+            "SELECT c.seq, r.record_hash, c.key_id, c.nonce, c.ciphertext "
+            "FROM content c JOIN records r ON r.seq = c.seq WHERE c.seq = ?",
+            (seq,),
+        ).fetchone()
+        if row is None:
+            return None
+        return StoredContent(int(row[0]), str(row[1]), str(row[2]), bytes(row[3]), bytes(row[4]))
+
+    def content_count(self) -> int:
+        if not self._has_content():
+            return 0
+        return int(self._connection.execute("SELECT COUNT(*) FROM content").fetchone()[0])
+
+    def _has_content(self) -> bool:
+        """Whether the table exists (a trail read, not migrated, may predate version 3)."""
+        return self.version() >= 3
+
+    def purge_content(self, before: str) -> int:
+        """Delete the content of records that started before `before` (ISO time as the
+        records store it); returns how many rows went. With `secure_delete` their pages are
+        zeroed, and the WAL is checkpointed and truncated so no old frame keeps them (a
+        checkpoint that a reader held up is tried again at the next purge)."""
+        if not self._has_content():
+            return 0
+        with transaction(self._connection):
+            deleted = int(
+                self._connection.execute("DELETE FROM content WHERE time < ?", (before,)).rowcount
+            )
+        if deleted or self._checkpoint_pending:
+            self._checkpoint_pending = not self.checkpoint()
+        return deleted
+
+    def checkpoint(self, wait_s: float = 1.0) -> bool:
+        """Copy the WAL into the database and truncate it, waiting at most `wait_s` for
+        readers (the writer must not stall); False when one kept it from completing."""
+        connection = self._connection
+        connection.execute(f"PRAGMA busy_timeout = {int(wait_s * 1000)}")
+        try:
+            busy = connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        finally:
+            connection.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        return busy is None or int(busy[0]) == 0
+
+
+@dataclass(frozen=True)
+class StoredContent:
+    """A content row as stored: ciphertext, and what decrypting it needs besides the key."""
+
+    seq: int
+    record_hash: str
+    key_id: str
+    nonce: bytes
+    ciphertext: bytes
+
+    def open(self, key: ContentKey) -> dict[str, Any]:
+        return key.decrypt(self.seq, self.record_hash, self.key_id, self.nonce, self.ciphertext)
 
 
 def _head(connection: sqlite3.Connection) -> Head | None:

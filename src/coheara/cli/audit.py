@@ -1,4 +1,5 @@
-"""`coheara audit`: verify the trail's chain, export it as FHIR AuditEvents, list and show it.
+"""`coheara audit`: verify the trail's chain, export it as FHIR AuditEvents, list and show it;
+make a content key, show a record's retained content, purge content past its retention.
 
 Also `audited(settings)`, with which `ask` and `run` record their calls (surface "cli")
 when `COHEARA_AUDIT_ENABLED=true`.
@@ -7,6 +8,7 @@ when `COHEARA_AUDIT_ENABLED=true`.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,11 +21,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from coheara.audit import AuditKey, AuditLog, AuditStore, default_key_file, verify
+from coheara.audit import AuditKey, AuditLog, AuditStore, ContentKey, default_key_file, verify
 from coheara.audit.export import audit_event, bundle
 from coheara.audit.record import iso_time
 from coheara.cli.common import err_console, write
-from coheara.errors import AuditIntegrityError, InvalidRequestError
+from coheara.errors import AuditIntegrityError, ConfigurationError, InvalidRequestError
 from coheara.settings import Settings, load_settings
 
 audit_app = typer.Typer(
@@ -147,17 +149,91 @@ def list_command(
 def show_command(
     seq: Annotated[int, typer.Argument(help="The record's sequence number.")],
     path: PathOption = None,
+    content: Annotated[
+        bool,
+        typer.Option("--content", help="Add its retained content, decrypted with the content key."),
+    ] = False,
+    content_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--content-key-file",
+            help="The content key (default: COHEARA_AUDIT_CONTENT_KEY_FILE or _KEY).",
+        ),
+    ] = None,
 ) -> None:
-    """One record, every field, as JSON."""
-    db, _ = _open(path)
+    """One record, every field, as JSON; with --content, what the call said, decrypted."""
+    db, settings = _open(path)
+    key = None
+    if content:
+        key = (
+            ContentKey.load(content_key_file)
+            if content_key_file is not None
+            else ContentKey.from_settings(settings)
+        )
+        if key is None:
+            raise ConfigurationError(
+                "no content key is configured",
+                hint="give --content-key-file, or set COHEARA_AUDIT_CONTENT_KEY_FILE",
+            )
     store = AuditStore(db, create=False, readonly=True)
     try:
         record = store.get(seq)
+        stored = store.content(seq) if key is not None else None
     finally:
         store.close()
     if record is None:
         raise InvalidRequestError(f"no audit record {seq} in {db}")
-    write(json.dumps(record.row(), indent=2) + "\n")
+    shown: dict[str, object] = record.row()
+    if key is not None:
+        if stored is None:
+            raise InvalidRequestError(
+                f"audit record {seq} has no retained content",
+                hint="retention was off for it, or its content was purged",
+            )
+        shown["content"] = stored.open(key)
+    write(json.dumps(shown, indent=2, ensure_ascii=False) + "\n")
+
+
+@audit_app.command("purge")
+def purge_command(
+    path: PathOption = None,
+    days: Annotated[
+        float | None,
+        typer.Option(
+            "--days",
+            min=0,
+            help="Purge content older than this (default: COHEARA_AUDIT_RETENTION_DAYS).",
+        ),
+    ] = None,
+) -> None:
+    """Delete retained content past its retention period; the records and their chain stay."""
+    db, settings = _open(path)
+    keep = settings.audit_retention_days if days is None else days
+    store = AuditStore(db, create=False)
+    try:
+        purged = store.purge_content(iso_time(time.time() - keep * 86400.0))
+        left = store.content_count()
+    finally:
+        store.close()
+    write(
+        f"purged the retained content of {purged} record(s) older than {keep:g} day(s); "
+        f"{left} kept\n"
+    )
+
+
+@audit_app.command("content-key")
+def content_key_command(
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="The new key file (created 0600, never replaced).")
+    ],
+) -> None:
+    """Make a content key (32 random bytes, base64) for COHEARA_AUDIT_CONTENT_KEY_FILE."""
+    ContentKey.generate().write(out)
+    err_console.print(
+        f"content key written to {escape(str(out))} (mode 0600); keep a copy apart from the "
+        f"audit trail, then set COHEARA_AUDIT_CONTENT_KEY_FILE={escape(str(out))}",
+        soft_wrap=True,
+    )
 
 
 def _since(text: str | None) -> str | None:
