@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from coheara import Engine, Settings
-from coheara.errors import ImageError
+from coheara.errors import ImageError, RequestTooLargeError
 from coheara.imaging import load_image, prepare
 from coheara.imaging.prepare import PAIR_INSTRUCTION, prepare_pair
 from coheara.imaging.volume import volume_messages
@@ -77,7 +77,7 @@ def series(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_the_engine_refuses_too_many_images_before_decoding_any(engine: Engine) -> None:
     junk = [b"not an image"] * 5  # decoding the first would fail with another message
-    with pytest.raises(ImageError, match="5 images; at most 4"):
+    with pytest.raises(RequestTooLargeError, match="5 images; at most 4"):
         run(engine.generate("Describe.", images=junk))
 
 
@@ -88,7 +88,7 @@ def test_every_dialect_refuses_too_many_images_before_decoding_any(
     junk = "%%%not-base64%%%"
     if dialect == "native":
         response = http.post("/v1/generate", json={"prompt": "x", "images": [junk] * 5})
-        assert response.json()["error"]["code"] == "invalid_image"
+        assert response.json()["error"]["code"] == "request_too_large"
     elif dialect == "ollama":
         response = http.post(
             "/api/generate",
@@ -100,14 +100,14 @@ def test_every_dialect_refuses_too_many_images_before_decoding_any(
             "/v1/chat/completions",
             json={"model": "medgemma", "messages": [{"role": "user", "content": [part] * 5}]},
         )
-    assert response.status_code == 400
+    assert response.status_code == 413
     assert "5 images; at most 4" in response.text
 
 
 def test_prepare_counts_what_it_made(series: Path) -> None:
     from coheara.imaging.limits import ImageLimits
 
-    with pytest.raises(ImageError, match="3 images; at most 2"):
+    with pytest.raises(RequestTooLargeError, match="3 images; at most 2"):
         prepare(series, image_limits=ImageLimits(max_images=2))
     assert len(prepare(series).images) == 3
 

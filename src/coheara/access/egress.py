@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from coheara.errors import ConfigurationError
 
@@ -25,6 +25,24 @@ def host_of(url: str) -> str:
     if not host:
         raise ConfigurationError("a backend URL has no host", hint="e.g. http://127.0.0.1:11434")
     return host.lower().rstrip(".")
+
+
+def public_url(url: str) -> str:
+    """`url` as logs, metrics, results and audit records may show it: scheme, host, port and
+    path; never a user name, password, query or fragment (where credentials travel). A
+    name that is not a URL keeps what follows its last `@`."""
+    text = url.strip()
+    if "://" not in text:
+        return text.rsplit("@", 1)[-1][:200]
+    try:
+        parts = urlsplit(text)
+        host, port = parts.hostname or "", parts.port
+    except ValueError:
+        return ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{port}" if port is not None else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))[:200]
 
 
 def _address(host: str) -> Address | None:

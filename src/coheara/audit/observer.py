@@ -242,6 +242,11 @@ class AuditLog:
 
     # ----- writing --------------------------------------------------------------------
 
+    @property
+    def alive(self) -> bool:
+        """Whether records are still written: not closed, the writer thread running."""
+        return not self._closed and self._thread.is_alive()
+
     def flush(self, timeout: float | None = 30.0) -> bool:
         """Wait until everything queued so far is written (or failed); False on timeout."""
         if self._closed or not self._thread.is_alive():

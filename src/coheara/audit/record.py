@@ -11,8 +11,8 @@ import json
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
+from coheara.access.egress import public_url
 from coheara.audit.digest import AuditKey
 from coheara.engine.engine import CallRecord
 from coheara.engine.result import ExtractionResult
@@ -136,22 +136,8 @@ def build(
 
 
 def endpoint_name(endpoint: object) -> str | None:
-    """An endpoint as a record keeps it: a URL's scheme, host, port and path, never its
-    user name, password, query or fragment (where credentials and tokens travel)."""
-    if endpoint is None:
-        return None
-    text = str(endpoint).strip()
-    if "://" not in text:
-        return text[:200] if "@" not in text else text.rsplit("@", 1)[-1][:200]
-    try:
-        parts = urlsplit(text)
-        host, port = parts.hostname or "", parts.port
-    except ValueError:
-        return None
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{host}:{port}" if port is not None else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))[:200]
+    """An endpoint as a record keeps it (`public_url`): never credentials or tokens."""
+    return None if endpoint is None else (public_url(str(endpoint)) or None)
 
 
 def iso_time(unix: float) -> str:

@@ -9,6 +9,7 @@ user turn).
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field, replace
@@ -98,6 +99,12 @@ class StreamEvent:
     finish_reason: FinishReason | None = None
     prompt_tokens: int | None = None
     output_tokens: int | None = None
+    endpoint: str | None = None
+    """On the closing event of a pool of replicas: the URL (without credentials) that
+    answered. None from a single backend (the engine names its one endpoint)."""
+    failovers: int = 0
+    """On the closing event of a pool: endpoints given up on, before the first event,
+    before this one answered."""
 
 
 @dataclass(frozen=True)
@@ -161,6 +168,16 @@ class Backend(ABC):
     def endpoints(self) -> list[EndpointStatus]:
         """The endpoints behind this backend: one, unless it is a pool of replicas."""
         return [EndpointStatus(name=self.name, healthy=None)]
+
+    async def readiness(self, timeout_s: float) -> list[EndpointStatus]:
+        """`endpoints()` with `healthy` known, for /readyz: here the backend's own `health()`,
+        bounded by `timeout_s`; a pool answers from its cached state instead."""
+        try:
+            health = await asyncio.wait_for(self.health(), timeout=timeout_s)
+            ok = health.ok
+        except TimeoutError:
+            ok = False
+        return [replace(status, healthy=ok) for status in self.endpoints()]
 
     async def chat(self, request: ChatRequest) -> tuple[str, StreamEvent]:
         """Non-streaming convenience: the whole text and the closing event."""

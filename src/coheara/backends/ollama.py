@@ -21,10 +21,12 @@ import pydantic
 from ollama import ChatResponse, ResponseError
 
 from coheara import model_facts
+from coheara.access.egress import public_url
 from coheara.backends.base import (
     Backend,
     Capabilities,
     ChatRequest,
+    EndpointStatus,
     FinishReason,
     Health,
     StreamEvent,
@@ -243,6 +245,9 @@ class OllamaBackend(Backend):
             error = exc if isinstance(exc, CohearaError) else self._map_error(exc)
             return Health(False, self.name, str(error))
         return Health(True, self.name, f"Ollama {version} at {self.url}", version)
+
+    def endpoints(self) -> list[EndpointStatus]:
+        return [EndpointStatus(name=public_url(self.url), healthy=None)]
 
     async def aclose(self) -> None:
         await self._client.close()

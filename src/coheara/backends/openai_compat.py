@@ -16,10 +16,12 @@ from typing import Any
 
 import openai
 
+from coheara.access.egress import public_url
 from coheara.backends.base import (
     Backend,
     Capabilities,
     ChatRequest,
+    EndpointStatus,
     FinishReason,
     Health,
     StreamEvent,
@@ -280,6 +282,9 @@ class OpenAIBackend(Backend):
         except Exception as exc:
             error = exc if isinstance(exc, CohearaError) else await self._map_error(exc)
             return Health(False, self.name, str(error))
+
+    def endpoints(self) -> list[EndpointStatus]:
+        return [EndpointStatus(name=public_url(self.base_url), healthy=None)]
 
     async def aclose(self) -> None:
         await self._client.close()

@@ -11,9 +11,16 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
 from coheara.access.egress import check_backend_url
-from coheara.backends.base import Backend, Capabilities, ChatRequest, Health, StreamEvent
+from coheara.backends.base import (
+    Backend,
+    Capabilities,
+    ChatRequest,
+    EndpointStatus,
+    Health,
+    StreamEvent,
+)
 from coheara.errors import BackendUnavailableError, CohearaError, ConfigurationError
-from coheara.settings import Settings
+from coheara.settings import Settings, normalize_ollama_host
 
 
 def create_backend(
@@ -21,6 +28,15 @@ def create_backend(
 ) -> Backend:
     name = settings.backend
     model = model or settings.model
+    if settings.backend_replicas and name in ("ollama", "openai"):
+        return _pool(settings, model=model, url=url)
+    if settings.backend_replicas and name == "transformers":
+        raise ConfigurationError(
+            "backend_replicas needs a remote runtime (ollama or openai), not transformers",
+            hint="set COHEARA_BACKEND=ollama or openai, or unset COHEARA_BACKEND_REPLICAS",
+        )
+    if name == "auto" and settings.backend_replicas:
+        replica_urls(settings, url)  # refused at start-up, not when auto first probes
     if name in ("ollama", "auto"):
         check_backend_url(url or settings.ollama_url, settings.allowed_backend_hosts)
     elif name == "openai":
@@ -69,6 +85,36 @@ def create_backend(
             allow_download=settings.allow_download,
         )
     return AutoBackend(settings, model=model, url=url)
+
+
+def replica_urls(settings: Settings, url: str | None = None) -> list[str]:
+    """The configured URL (or `url`), then each replica, once each, every one through the
+    egress guard (a replica is as able as the main URL to carry patient data off site)."""
+    if settings.backend == "openai":
+        candidates = [url or settings.openai_url, *settings.backend_replicas]
+        normal = [candidate.strip().rstrip("/") for candidate in candidates]
+    else:
+        candidates = [url or settings.ollama_url, *settings.backend_replicas]
+        normal = [normalize_ollama_host(candidate) for candidate in candidates]
+    urls: list[str] = []
+    for candidate in normal:
+        check_backend_url(candidate, settings.allowed_backend_hosts)
+        if candidate not in urls:
+            urls.append(candidate)
+    return urls
+
+
+def _pool(settings: Settings, *, model: str | None, url: str | None) -> Backend:
+    """One backend per URL (same runtime, same model), behind a `PooledBackend`."""
+    from coheara.backends.pool import PooledBackend
+
+    urls = replica_urls(settings, url)
+    single = settings.model_copy(update={"backend_replicas": []})
+    return PooledBackend(
+        [(each, create_backend(single, model=model, url=each)) for each in urls],
+        health_interval_s=settings.health_interval_s,
+        eject_after_failures=settings.eject_after_failures,
+    )
 
 
 class AutoBackend(Backend):
@@ -131,6 +177,15 @@ class AutoBackend(Backend):
 
     def count_prompt_tokens(self, request: ChatRequest) -> int | None:
         return self._chosen.count_prompt_tokens(request) if self._chosen else None
+
+    def endpoints(self) -> list[EndpointStatus]:
+        return self._chosen.endpoints() if self._chosen else super().endpoints()
+
+    async def readiness(self, timeout_s: float) -> list[EndpointStatus]:
+        """The chosen backend's readiness; before the first call, probing for one."""
+        if self._chosen is None:
+            return await super().readiness(timeout_s)
+        return await self._chosen.readiness(timeout_s)
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamEvent, None]:
         backend = await self.resolve()

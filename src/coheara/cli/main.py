@@ -10,6 +10,7 @@ from coheara.cli.common import err_console, report
 from coheara.cli.dev import dev_app
 from coheara.cli.doctor import doctor
 from coheara.cli.image import image_app
+from coheara.cli.keys import keys_app
 from coheara.cli.selftest import selftest
 from coheara.cli.serve import serve
 from coheara.cli.tasks import run, tasks
@@ -31,6 +32,7 @@ app.command()(run)
 app.add_typer(dev_app, name="dev")
 app.add_typer(image_app, name="image")
 app.add_typer(audit_app, name="audit")
+app.add_typer(keys_app, name="keys")
 
 
 def main() -> None:

@@ -21,7 +21,14 @@ from PIL import Image
 from pydantic import BaseModel
 
 from coheara import model_facts
-from coheara.backends.base import Backend, Capabilities, ChatRequest, GenerationOptions, Message
+from coheara.backends.base import (
+    Backend,
+    Capabilities,
+    ChatRequest,
+    GenerationOptions,
+    Message,
+    StreamEvent,
+)
 from coheara.context import CallContext, call_context
 from coheara.engine.budget import TokenEstimator, check_fits, check_not_truncated
 from coheara.engine.chat_format import InputMessage, ReasoningFilter, to_gemma_turns
@@ -30,6 +37,7 @@ from coheara.engine.result import ExtractionResult, GenerationResult, StreamChun
 from coheara.engine.schema import OutputSchema, Problem
 from coheara.errors import (
     BackendError,
+    BackendTimeoutError,
     CohearaError,
     InvalidRequestError,
     OutputValidationError,
@@ -62,9 +70,13 @@ class _Attempt:
     """Counted by a tokenizer or reported by the backend, not estimated."""
     reasoning_chars: int = 0
     warnings: list[str] = field(default_factory=list)
+    endpoint: str | None = None
+    failovers: int = 0
 
     def add(self, other: _Attempt) -> None:
-        """Count another call's tokens into this running total."""
+        """Count another call's tokens (and failovers) into this running total."""
+        self.failovers += other.failovers
+        self.endpoint = other.endpoint or self.endpoint
         self.prompt_tokens = (self.prompt_tokens or 0) + (other.prompt_tokens or 0)
         produced = other.output_tokens
         if produced is None:
@@ -250,10 +262,11 @@ class Engine:
         turns = to_gemma_turns(conversation)
         record.turns = turns
         capabilities = await self._check_capabilities(turns)
+        deadline = time.monotonic() + self.settings.timeout_s
         inner = (
-            self._stream_text(ChatRequest(turns, options), capabilities)
+            self._stream_text(ChatRequest(turns, options), capabilities, deadline)
             if output_schema is None
-            else self._stream_structured(turns, options, capabilities, output_schema)
+            else self._stream_structured(turns, options, capabilities, output_schema, deadline)
         )
         evidence, image_warnings = _image_evidence(turns)
         # aclosing: a caller that stops early must stop the backend now, not at GC time.
@@ -329,7 +342,12 @@ class Engine:
     # ----- running it -----------------------------------------------------------------
 
     async def _attempt(
-        self, request: ChatRequest, capabilities: Capabilities, state: _Attempt, number: int
+        self,
+        request: ChatRequest,
+        capabilities: Capabilities,
+        state: _Attempt,
+        number: int,
+        deadline: float,
     ) -> AsyncGenerator[StreamChunk, None]:
         """One backend call: budget, stream with reasoning filter and guard, truncation check."""
         window = self._window(capabilities)
@@ -340,7 +358,13 @@ class Engine:
         reasoning = ReasoningFilter()
         guard = RepetitionGuard() if self.settings.guard_enabled else None
         visible: list[str] = []
-        stream = self.backend.stream(request)
+        stream = timed(
+            self.backend.stream(request),
+            backend=self.backend.name,
+            first_token_s=self.settings.first_token_timeout_s,
+            total_s=self.settings.timeout_s,
+            deadline=deadline,
+        )
         answered = False
         async with aclosing(stream):
             async for event in stream:
@@ -369,6 +393,8 @@ class Engine:
                         break
                     yield StreamChunk(text=shown, attempt=number)
                 if event.done:
+                    state.endpoint = event.endpoint
+                    state.failovers += event.failovers
                     state.text = "".join(visible)
                     state.finish_reason = event.finish_reason or "stop"
                     state.prompt_tokens = event.prompt_tokens
@@ -422,16 +448,23 @@ class Engine:
             model=capabilities.model,
             reasoning_chars=state.reasoning_chars,
             attempts=attempts,
+            endpoint=state.endpoint or self._endpoint_name(),
+            failovers=state.failovers,
             warnings=state.warnings,
             **extra,
         )
 
+    def _endpoint_name(self) -> str | None:
+        """A single backend's one endpoint, for a result whose backend named none."""
+        endpoints = self.backend.endpoints()
+        return endpoints[0].name if len(endpoints) == 1 else None
+
     async def _stream_text(
-        self, request: ChatRequest, capabilities: Capabilities
+        self, request: ChatRequest, capabilities: Capabilities, deadline: float
     ) -> AsyncGenerator[StreamChunk, None]:
         started = time.perf_counter()
         state = _Attempt()
-        async with aclosing(self._attempt(request, capabilities, state, 1)) as attempt:
+        async with aclosing(self._attempt(request, capabilities, state, 1, deadline)) as attempt:
             async for chunk in attempt:
                 yield chunk
         yield StreamChunk(result=self._result(GenerationResult, state, started, 1, capabilities))
@@ -442,6 +475,7 @@ class Engine:
         options: GenerationOptions,
         capabilities: Capabilities,
         schema: OutputSchema,
+        deadline: float,
     ) -> AsyncGenerator[StreamChunk, None]:
         """Constrained attempt, repair retries, then (for objects) one field at a time."""
         started = time.perf_counter()
@@ -453,7 +487,9 @@ class Engine:
         state = _Attempt()
         for number in range(1, attempts + 1):
             state = _Attempt(first_token_at=state.first_token_at, warnings=warnings)
-            async with aclosing(self._attempt(request, capabilities, state, number)) as attempt:
+            async with aclosing(
+                self._attempt(request, capabilities, state, number, deadline)
+            ) as attempt:
                 async for chunk in attempt:
                     yield chunk
             spent.add(state)
@@ -481,7 +517,7 @@ class Engine:
                     field_schema.schema,
                 )
                 async with aclosing(
-                    self._attempt(field_request, capabilities, part, number)
+                    self._attempt(field_request, capabilities, part, number, deadline)
                 ) as attempt:
                     async for chunk in attempt:
                         yield chunk
@@ -526,12 +562,65 @@ class Engine:
         capabilities: Capabilities,
         value: Any,
     ) -> ExtractionResult:
-        """The accepted output, with the tokens of every call it took to get it."""
+        """The accepted output, with the tokens (and failovers) of every call it took."""
         state.prompt_tokens, state.output_tokens = spent.prompt_tokens, spent.output_tokens
+        state.failovers, state.endpoint = spent.failovers, state.endpoint or spent.endpoint
         return self._result(ExtractionResult, state, started, attempts, capabilities, value=value)
 
 
 MAX_FALLBACK_FIELDS = 16
+
+
+async def timed(
+    events: AsyncGenerator[StreamEvent, None],
+    *,
+    backend: str,
+    first_token_s: float,
+    total_s: float,
+    deadline: float,
+) -> AsyncGenerator[StreamEvent, None]:
+    """`events` with the per-phase timeouts of every backend alike: the first event within
+    `first_token_s`, every event before `deadline` (monotonic; `total_s` after the call
+    began). The connect phase is the HTTP clients' (`connect_timeout_s`). The backend's
+    stream is awaited in this task, so a timeout cancels it where it waits and closing
+    it closes its HTTP response."""
+    first = True
+    async with aclosing(events):
+        while True:
+            remaining = deadline - time.monotonic()
+            limit, phase = remaining, "total"
+            if first and first_token_s < remaining:
+                limit, phase = first_token_s, "first_token"
+            timer = asyncio.timeout(max(limit, 0.0))
+            try:
+                async with timer:
+                    event = await anext(events)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                if not timer.expired():
+                    raise
+                seconds = total_s if phase == "total" else first_token_s
+                raise _timeout(backend, phase, seconds) from None
+            first = False
+            yield event
+
+
+def _timeout(backend: str, phase: str, seconds: float) -> BackendTimeoutError:
+    if phase == "first_token":
+        return BackendTimeoutError(
+            f"{backend} sent no first token within {seconds:g}s (first-token timeout)",
+            hint="raise COHEARA_FIRST_TOKEN_TIMEOUT_S, or check whether the model is still "
+            "loading or the runtime is overloaded",
+            phase=phase,
+            timeout_s=seconds,
+        )
+    return BackendTimeoutError(
+        f"the call to {backend} did not finish within {seconds:g}s (total timeout)",
+        hint="raise COHEARA_TIMEOUT_S, or lower max_tokens",
+        phase=phase,
+        timeout_s=seconds,
+    )
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,16 @@ class GenerationResult(BaseModel):
     model: str
     reasoning_chars: int = Field(0, description="hidden reasoning stripped from the text")
     attempts: int = 1
+    endpoint: str | None = Field(
+        None,
+        description="The endpoint that answered: a runtime's URL (without credentials) or "
+        "the backend's name; with replicas, the one the last call was routed to.",
+    )
+    failovers: int = Field(
+        0,
+        description="Endpoints given up on (failed before their first token) before one "
+        "answered, over every call this result took.",
+    )
     warnings: list[str] = Field(default_factory=list)
     images: list[dict[str, Any]] = Field(
         default_factory=list,

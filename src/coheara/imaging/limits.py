@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-from coheara.errors import ImageError
+from coheara.errors import ImageError, RequestTooLargeError
 
 
 @dataclass(frozen=True)
@@ -61,10 +61,11 @@ def applied(limits: ImageLimits | None) -> Iterator[ImageLimits]:
 
 
 def check_image_count(count: int) -> None:
-    """Refuse a request with more images than the model may be sent (before decoding them)."""
+    """Refuse a request with more images than the model may be sent (before decoding them):
+    a 413, like any request over a deployment limit."""
     most = current().max_images
     if count > most:
-        raise ImageError(
+        raise RequestTooLargeError(
             f"the request holds {count} images; at most {most} are allowed",
             hint="send fewer images, sample the series, or raise COHEARA_MAX_IMAGES",
         )

@@ -28,10 +28,14 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from coheara import __version__
+from coheara.access.auth import Access
+from coheara.access.keys import KeyStore
 from coheara.audit import AuditLog
 from coheara.engine import Engine
 from coheara.errors import CohearaError
-from coheara.server import native, ollama_api, openai_api, tasks_api
+from coheara.logs import AccessLogMiddleware
+from coheara.server import health, native, ollama_api, openai_api, tasks_api
+from coheara.server.admission import Admission, AdmissionMiddleware
 from coheara.server.common import ServerState
 from coheara.server.errors import (
     ClientGone,
@@ -40,11 +44,14 @@ from coheara.server.errors import (
     unexpected_error_handler,
     validation_error_handler,
 )
-from coheara.server.middleware import CallContextMiddleware, http_outcome, note_failure
+from coheara.server.metrics import HttpMetricsMiddleware, Metrics
+from coheara.server.middleware import (
+    CallContextMiddleware,
+    document_security,
+    http_outcome,
+    note_failure,
+)
 from coheara.settings import Settings
-
-MAX_BODY_BYTES = 256 * 1024 * 1024
-"""Room for several large base64 images (each decoded image is capped at 64 MiB)."""
 
 DESCRIPTION = """\
 Coheara runs MedGemma 1.5 4B on the site's own hardware and returns validated,
@@ -71,7 +78,7 @@ TAGS = [
     {"name": "native", "description": "The three modes with their evidence."},
     {"name": "openai", "description": "OpenAI-compatible (the official client works unchanged)."},
     {"name": "ollama", "description": "Ollama-compatible (the official client works unchanged)."},
-    {"name": "health", "description": "Liveness."},
+    {"name": "health", "description": "Liveness (/healthz, cheap) and readiness (/readyz)."},
 ]
 
 
@@ -89,17 +96,30 @@ def create_app(
     settings: Settings | None = None,
     *,
     close_engine: bool = False,
-    max_body_bytes: int = MAX_BODY_BYTES,
+    max_body_bytes: int | None = None,
     audit: AuditLog | None = None,
+    access: Access | None = None,
 ) -> FastAPI:
     """The HTTP server for `engine`; `settings` defaults to the engine's own.
 
     With `close_engine` the app closes the engine (and its backend) at shutdown. With
     `audit` every model call through any dialect is recorded in that trail (`coheara
     serve` opens it from the settings); the app detaches and flushes it at shutdown.
+    `access` decides who may call what (default: the keys at `settings.keys_path`, open
+    while none is active).
     """
     if audit is not None:
         audit.attach(engine)
+    settings = settings or engine.settings
+    # Load: slots per backend endpoint, a bounded queue; /metrics fed by an engine observer.
+    admission = Admission(
+        settings.max_concurrency * max(1, len(engine.backend.endpoints())),
+        settings.max_queue,
+        settings.queue_timeout_s,
+    )
+    metrics = Metrics(engine, admission) if settings.metrics_enabled else None
+    if metrics is not None:
+        engine.observers.append(metrics.observe)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -109,6 +129,8 @@ def create_app(
         if audit is not None:
             audit.detach(engine)
             await asyncio.to_thread(audit.flush)
+        if metrics is not None and metrics.observe in engine.observers:
+            engine.observers.remove(metrics.observe)
 
     app = FastAPI(
         title="Coheara",
@@ -117,19 +139,30 @@ def create_app(
         openapi_tags=TAGS,
         lifespan=lifespan,
     )
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes or settings.max_body_bytes)
+    # Inside the call context: a refusal (429/503) carries the request id and is audited.
+    app.add_middleware(AdmissionMiddleware, admission=admission)
     # Outermost: the request id and surface hold for everything inside, the 413 included.
     app.add_middleware(
         CallContextMiddleware,
         audit=audit,
         backend=engine.backend.name,
         model=engine.backend.model or None,
+        access=access or Access(KeyStore((settings or engine.settings).keys_path)),
     )
+    # Outside everything: every response, refusals included, is counted and logged.
+    if metrics is not None:
+        app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
+        app.add_api_route("/metrics", metrics.endpoint, methods=["GET"], include_in_schema=False)
+    app.add_middleware(AccessLogMiddleware)
+    app.state.admission = admission
     app.state.coheara = ServerState(engine, settings or engine.settings)
     app.include_router(native.router)
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)
     app.include_router(tasks_api.router)
+    app.state.audit = audit  # /readyz checks its writer
+    app.include_router(health.router)
     app.add_api_route(
         "/healthz",
         _healthz,
@@ -267,6 +300,7 @@ def _document_streams(app: FastAPI) -> None:
             for key, definition in schema.pop("$defs", {}).items():
                 components.setdefault(key, definition)
             components.setdefault(name, schema)
+        document_security(document)
         app.openapi_schema = document
         return document
 

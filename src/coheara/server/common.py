@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 from coheara.backends.base import Capabilities, GenerationOptions
 from coheara.engine import Engine, GenerationResult, InputMessage, StreamChunk
 from coheara.engine.chat_format import InputRole
+from coheara.errors import RequestTooLargeError
 from coheara.imaging import PreparedImage, decode_base64_image, limits
 from coheara.server.errors import ClientGone, Dialect, unknown_model
 from coheara.settings import Settings
@@ -133,8 +134,9 @@ def _normal(name: str) -> str:
     return name.removesuffix(":latest")
 
 
-def get_state(request: Request) -> ServerState:
-    """FastAPI dependency: the engine and settings this app was built with."""
+async def get_state(request: Request) -> ServerState:
+    """FastAPI dependency: the engine and settings this app was built with (async: a plain
+    function would cost every request a hop to the thread pool)."""
     state: ServerState = request.app.state.coheara
     return state
 
@@ -162,6 +164,33 @@ class Turn:
             return sum(1 for kind, _ in self.parts if kind == "image")
         return len(self.images)
 
+    @property
+    def text_chars(self) -> int:
+        if self.parts:
+            return sum(len(value) for kind, value in self.parts if kind == "text")
+        return len(self.text)
+
+
+def text_chars(value: Any) -> int:
+    """Characters in every string of a JSON-like value (a task's input), keys included."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(len(str(key)) + text_chars(item) for key, item in value.items())
+    if isinstance(value, list | tuple):
+        return sum(text_chars(item) for item in value)
+    return 0
+
+
+def check_text_chars(count: int, settings: Settings) -> None:
+    """Refuse a request with more text than the deployment allows (413), before any work."""
+    most = settings.max_text_chars
+    if count > most:
+        raise RequestTooLargeError(
+            f"the request holds {count} characters of text; at most {most} are allowed",
+            hint="send less text, or raise COHEARA_MAX_TEXT_CHARS",
+        )
+
 
 async def decode_turns(turns: Sequence[Turn], settings: Settings) -> list[InputMessage]:
     """The conversation in the engine's terms, images numbered across all turns.
@@ -171,6 +200,7 @@ async def decode_turns(turns: Sequence[Turn], settings: Settings) -> list[InputM
     the event loop, all images in one go; a server never opens a path or a URL a client
     names (`decode_base64_image`).
     """
+    check_text_chars(sum(turn.text_chars for turn in turns), settings)
     image_limits = settings.image_limits()
     with limits.applied(image_limits):
         limits.check_image_count(sum(turn.image_count for turn in turns))

@@ -27,6 +27,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from coheara.errors import CohearaError, InvalidRequestError, ModelNotFoundError
+from coheara.logs import route_template
 
 log = logging.getLogger("coheara.server")
 
@@ -220,7 +221,8 @@ async def unexpected_error_handler(request: Request, exc: Exception) -> JSONResp
     Starlette re-raises the exception after this reply, so the ASGI server logs the
     traceback once; only the route is noted here.
     """
-    log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path)
+    route = route_template(request.scope)  # never the raw path: it may carry client text
+    log.error("unhandled %s on %s %s", type(exc).__name__, request.method, route)
     return error_response(dialect_for_path(request.url.path), internal_error())
 
 

@@ -7,6 +7,11 @@ the route. With an audit trail, a model route's request also runs in an audit sc
 request refused before it reached the engine (an image that does not decode, a body
 that does not validate, an unknown model) still leaves one record, with its outcome.
 The app's error handlers name the outcome (`note_failure`).
+
+With `access`, the request's API key is checked here, before anything reads the body:
+a refusal is answered in the route's own dialect (401 with `WWW-Authenticate: Bearer`,
+or 403), and on a model route it is audited too (outcome invalid_api_key or
+permission_denied). The key's name is the call context's `client`.
 """
 
 from __future__ import annotations
@@ -18,9 +23,12 @@ from typing import Any
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from coheara.access.auth import CHALLENGE, OPEN, SCHEME, Access, Decision, granting, is_open
 from coheara.audit import AuditLog, current_scope
+from coheara.audit.observer import Scope as AuditScope
 from coheara.context import calling
 from coheara.errors import CohearaError
+from coheara.server.errors import Dialect, dialect_for_path, error_response
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
@@ -41,6 +49,11 @@ def surface_for(path: str) -> str | None:
     if path == "/api" or path.startswith("/api/"):
         return "ollama"
     return None
+
+
+def endpoint_for(path: str) -> str | None:
+    """What an API key must be allowed to call this route: its surface, or metrics."""
+    return "metrics" if path == "/metrics" else surface_for(path)
 
 
 def is_model_call(method: str, path: str) -> bool:
@@ -86,17 +99,20 @@ class CallContextMiddleware:
         audit: AuditLog | None = None,
         backend: str | None = None,
         model: str | None = None,
+        access: Access | None = None,
     ) -> None:
         self.app = app
         self.audit = audit
         self.backend, self.model = backend, model
+        self.access = access
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        request_id = request_id_from(Headers(scope=scope))
+        headers = Headers(scope=scope)
+        request_id = request_id_from(headers)
         status = 0
 
         async def send_with_id(message: Message) -> None:
@@ -106,14 +122,86 @@ class CallContextMiddleware:
                 MutableHeaders(scope=message).append(REQUEST_ID_HEADER, request_id)
             await send(message)
 
-        context: dict[str, Any] = {"request_id": request_id, "surface": surface_for(path)}
+        decision = OPEN
+        if self.access is not None:
+            decision = self.access.decide(
+                scope["method"], path, headers.get("authorization"), endpoint_for(path)
+            )
+        context: dict[str, Any] = {
+            "request_id": request_id,
+            "surface": surface_for(path),
+            "client": decision.key.name if decision.key is not None else None,
+        }
         if self.audit is None or not is_model_call(scope["method"], path):
             with calling(**context):
-                await self.app(scope, receive, send_with_id)
+                await self._serve(decision, scope, receive, send_with_id, None)
             return
         if context["surface"] == "tasks":
             context.update(_task_fields(path))
         with self.audit.scope(backend=self.backend, model=self.model, **context) as audit_scope:
-            await self.app(scope, receive, send_with_id)
+            await self._serve(decision, scope, receive, send_with_id, audit_scope)
             if status >= 400:
                 audit_scope.failed(http_outcome(status), None)
+
+    async def _serve(
+        self,
+        decision: Decision,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        audit_scope: AuditScope | None,
+    ) -> None:
+        """The app, or the refusal in the route's own dialect (the body left unread)."""
+        error = decision.error
+        if error is None:
+            with granting(decision.key):
+                await self.app(scope, receive, send)
+            return
+        if audit_scope is not None:
+            audit_scope.failed(error.code, type(error).__name__)
+        response = error_response(dialect_for_path(scope["path"]), error)
+        if error.http_status == 401:
+            response.headers.update(CHALLENGE)
+        await response(scope, receive, send)
+
+
+_ERROR_SCHEMAS = {
+    Dialect.NATIVE: "NativeError",
+    Dialect.OPENAI: "OpenAIError",
+    Dialect.OLLAMA: "OllamaError",
+}
+
+
+def document_security(document: dict[str, Any]) -> None:
+    """Declare the bearer scheme in the OpenAPI document, and the 401 and 403 of every
+    protected operation in its dialect's error shape. The scheme is optional per operation:
+    a loopback server with no active key needs none."""
+    components = document.setdefault("components", {})
+    components.setdefault("securitySchemes", {})[SCHEME] = {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "An API key made with `coheara keys create NAME` (coh_...), needed on "
+        "every route but health, readiness and docs once the server has an active key.",
+    }
+    for path, operations in document.get("paths", {}).items():
+        for method, operation in operations.items():
+            if not isinstance(operation, dict) or is_open(method.upper(), path):
+                continue
+            operation["security"] = [{SCHEME: []}, {}]
+            name = _ERROR_SCHEMAS[dialect_for_path(path)]
+            if name not in components.get("schemas", {}):
+                continue
+            body = {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}
+            responses = operation.setdefault("responses", {})
+            responses.setdefault(
+                "401",
+                {
+                    "description": "No valid API key (missing, malformed, unknown or revoked)",
+                    "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
+                    "content": body,
+                },
+            )
+            responses.setdefault(
+                "403",
+                {"description": "The key may not call this endpoint or task", "content": body},
+            )

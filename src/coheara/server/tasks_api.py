@@ -12,7 +12,15 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel
 
-from coheara.server.common import ServerState, get_state, public_model_name, until_disconnect
+from coheara.access.auth import granted_key
+from coheara.server.common import (
+    ServerState,
+    check_text_chars,
+    get_state,
+    public_model_name,
+    text_chars,
+    until_disconnect,
+)
 from coheara.server.errors import NATIVE_ERROR_RESPONSES
 from coheara.tasks import TaskRequest, TaskResponse, all_tasks, get_task, run_task
 
@@ -38,7 +46,10 @@ class TaskList(BaseModel):
 
 @router.get("/v1/tasks", response_model=TaskList, summary="Every task, with its JSON Schemas")
 async def list_tasks() -> Any:
-    return {"tasks": [spec.describe() for spec in all_tasks().values()]}
+    """The tasks the caller's API key may run (all of them on an open server)."""
+    key = granted_key()
+    specs = [s for s in all_tasks().values() if key is None or key.allows_task(s.id)]
+    return {"tasks": [spec.describe() for spec in specs]}
 
 
 @router.get(
@@ -66,6 +77,8 @@ async def run(
     """The draft, where each element came from (`trace`), what is missing (`gaps`), what the
     checks found (`validation`) and how it was made (`metadata`). Always a draft."""
     spec = get_task(task_id)
+    context = body.context.model_dump(mode="json") if body.context is not None else None
+    check_text_chars(text_chars(body.input) + text_chars(context), state.settings)
     response = await until_disconnect(request, run_task(state.engine, body, task=spec))
     response.metadata.model = public_model_name(response.metadata.model)
     return response
