@@ -11,6 +11,7 @@ from coheara.cli.dev import dev_app
 from coheara.cli.doctor import doctor
 from coheara.cli.image import image_app
 from coheara.cli.keys import keys_app
+from coheara.cli.plan import plan_command
 from coheara.cli.selftest import selftest
 from coheara.cli.serve import serve
 from coheara.cli.tasks import run, tasks
@@ -27,6 +28,7 @@ app.command()(ask)
 app.command()(serve)
 app.command()(selftest)
 app.command()(doctor)
+app.command("plan")(plan_command)
 app.command()(tasks)
 app.command()(run)
 app.add_typer(dev_app, name="dev")
