@@ -1,13 +1,14 @@
 """No PHI in the clear anywhere the service writes or prints (issue 5's canary test).
 
-`coheara serve` runs as deployed, in its own process, with the audit trail on, logs at
-their most verbose (debug, JSON) and its temporary directory, home and data directory
-inside the test's folder. Requests whose text, system prompts, images (a PNG text chunk,
-a DICOM patient name), model names, request ids, headers, paths and query strings carry a
-unique marker go through every surface, many of them failing on purpose. Then every byte
-the service wrote (every file under its folders) and printed (stdout, stderr) and served
-(/metrics) is searched: zero hits. Once per backend dialect (Ollama and
-OpenAI-compatible), since each client library logs differently.
+`coheara serve` runs as deployed, in its own process: audit trail on and keeping each
+call's content (encrypted), API keys on, logs at their most verbose (debug, JSON), and its
+temporary directory, home and data directory inside the test's folder. Requests whose
+text, system prompts, images (a PNG text chunk, a DICOM patient name), model names,
+request ids, credentials, headers, paths and query strings carry a unique marker go
+through every surface, many of them failing on purpose. Then every byte the service wrote
+(every file under its folders), printed (stdout, stderr) and served (/metrics) is
+searched: zero hits, and the API key itself appears nowhere either. Once per backend
+dialect (Ollama and OpenAI-compatible), since each client library logs differently.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from coheara import model_facts
+from coheara.access.keys import KeyStore
 from fakes.fake_ollama import FakeOllama, OllamaModel
 from fakes.fake_openai import FakeOpenAI, OpenAIModel
 from servers import free_port, serve
@@ -161,6 +163,14 @@ def test_nothing_the_service_writes_or_prints_carries_the_marker(
             "PYTHONUNBUFFERED": "1",
         }
     )
+    _, api_key = KeyStore(tmp_path / "data" / "keys.json").create("canary-client")
+    env.update(
+        {
+            "COHEARA_KEYS_PATH": str(tmp_path / "data" / "keys.json"),
+            "COHEARA_AUDIT_RETAIN_CONTENT": "true",  # kept, encrypted: still no clear text
+            "COHEARA_AUDIT_CONTENT_KEY": base64.b64encode(os.urandom(32)).decode(),
+        }
+    )
     port = free_port()
     command = ["serve", "--port", str(port), "--backend", name, "--url", backend_url]
     process = subprocess.Popen(
@@ -185,11 +195,22 @@ def test_nothing_the_service_writes_or_prints_carries_the_marker(
                 assert process.poll() is None, "coheara serve exited"
                 assert time.monotonic() < deadline, "coheara serve did not start"
                 time.sleep(0.2)
-            headers = {"X-Request-ID": f"{CANARY} Jane Roe", "User-Agent": f"{CANARY}-agent"}
+            headers = {
+                "X-Request-ID": f"{CANARY} Jane Roe",
+                "User-Agent": f"{CANARY}-agent",
+                "Authorization": f"Bearer {api_key}",
+            }
             for method, path, body in requests_with_the_marker(model):
                 response = client.request(method, path, json=body, headers=headers)
                 statuses.append(response.status_code)
-            metrics = client.get("/metrics")
+            for credentials in (f"Bearer {CANARY}", f"Basic {CANARY}", f"Bearer coh_{CANARY}_x"):
+                refused = client.post(
+                    "/v1/generate",
+                    json={"prompt": TEXT},
+                    headers={**headers, "Authorization": credentials},
+                )
+                statuses.append(refused.status_code)
+            metrics = client.get("/metrics", headers=headers)
             served.append(metrics.content)
     finally:
         process.send_signal(signal.SIGINT)
@@ -198,15 +219,17 @@ def test_nothing_the_service_writes_or_prints_carries_the_marker(
         except subprocess.TimeoutExpired:
             process.kill()
             stdout, stderr = process.communicate()
-    assert 200 in statuses and {400, 404} <= set(statuses), statuses
+    assert 200 in statuses and {400, 401, 404} <= set(statuses), statuses
+    assert b"coheara_requests" in served[0]  # the exposition itself was searched
     written = [path for path in tmp_path.rglob("*") if path.is_file()]
     assert any(path.name == "audit.sqlite3" for path in written)
     haystacks = {"stdout": stdout, "stderr": stderr, "/metrics": b"".join(served)}
     haystacks.update({str(path.relative_to(tmp_path)): path.read_bytes() for path in written})
+    secret = api_key.rsplit("_", 1)[-1].encode()  # the API key is a secret too
     hits = [
         (where, needle)
         for where, content in haystacks.items()
-        for needle in NEEDLES
+        for needle in [*NEEDLES, secret]
         if needle in content
     ]
     leaks = [(where, _around(haystacks[where], needle)) for where, needle in hits]
