@@ -217,12 +217,15 @@ def test_a_task_records_each_of_its_calls_with_the_task(trail: Trail) -> None:
     response, records = trail.call("/v1/tasks/SLM-05", body)
     assert response.status_code == 200, response.text
     metadata = response.json()["metadata"]
+    assert response.json()["request_id"] == "task-run-1"  # the body's id, echoed
+    transport_id = response.headers["X-Request-ID"]  # what the logs carry: records join it
+    assert transport_id != "task-run-1"
     assert records and len(records) == len({r.seq for r in records})
     for record in records:
         assert (record.surface, record.task_id, record.request_id) == (
             "tasks",
             "SLM-05",
-            "task-run-1",
+            transport_id,
         )
         assert record.task_version == metadata["task_version"]
         assert record.prompt_hash == metadata["prompt_hash"] and record.mode == "extract"

@@ -148,15 +148,23 @@ def create_app(
         audit=audit,
         backend=engine.backend.name,
         model=engine.backend.model or None,
-        access=access or Access(KeyStore((settings or engine.settings).keys_path)),
+        access=access or Access(KeyStore(settings.keys_path)),
     )
     # Outside everything: every response, refusals included, is counted and logged.
     if metrics is not None:
         app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
-        app.add_api_route("/metrics", metrics.endpoint, methods=["GET"], include_in_schema=False)
+        app.add_api_route(
+            "/metrics",
+            metrics.endpoint,
+            methods=["GET"],
+            tags=["health"],
+            summary="Prometheus metrics (an API key needs the metrics endpoint)",
+            response_class=PlainTextResponse,
+            responses={200: {"content": {"text/plain": {}}, "description": "Text format 0.0.4"}},
+        )
     app.add_middleware(AccessLogMiddleware)
     app.state.admission = admission
-    app.state.coheara = ServerState(engine, settings or engine.settings)
+    app.state.coheara = ServerState(engine, settings)
     app.include_router(native.router)
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)

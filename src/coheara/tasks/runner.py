@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ValidationError
 
 from coheara.backends.base import GenerationOptions
-from coheara.context import calling
+from coheara.context import call_context, calling
 from coheara.engine.chat_format import InputMessage
 from coheara.errors import InvalidRequestError, OutputValidationError
 from coheara.tasks.envelope import (
@@ -98,8 +98,10 @@ async def run_task(
         max_tokens=request.max_tokens or spec.max_tokens, temperature=spec.temperature
     )
 
+    # Over HTTP the call already carries the X-Request-ID (logs and audit join on it); the
+    # body's own request_id names the call only where there is none (CLI, Python).
     with calling(
-        request_id=request.request_id,
+        request_id=None if call_context().request_id else request.request_id,
         task_id=spec.id,
         task_version=spec.version,
         prompt_hash=spec.prompt_hash,
