@@ -390,17 +390,20 @@ def test_the_audit_names_the_key_and_records_refusals(keyed: Keyed) -> None:
     assert (invalid.outcome, invalid.client) == ("validation_error", "ward-app")
 
 
-def test_without_an_active_key_loopback_stays_open_and_required_closes(
+def test_without_any_key_loopback_stays_open_and_required_closes(
     tiny_engine: Engine, tmp_path: Path
 ) -> None:
-    store = KeyStore(tmp_path / "keys.json")
-    store.create("gone")
-    store.revoke("gone")  # a store with no active key
+    store = KeyStore(tmp_path / "keys.json")  # no key was ever made
     body = {"prompt": PROMPT, "max_tokens": 2}
     with serve(create_app(tiny_engine, access=Access(store))) as url:
         assert httpx.post(url + "/v1/generate", json=body, timeout=60).status_code == 200
         _, key = store.create("first")  # from now on a key is needed
         assert httpx.post(url + "/v1/generate", json=body, timeout=60).status_code == 401
+        store.create("spare")
+        store.revoke("first")
+        store.revoke("spare")  # the last key revoked: closed, never open again by itself
+        assert httpx.post(url + "/v1/generate", json=body, timeout=60).status_code == 401
+        _, key = store.create("again")
         store.path.chmod(0o644)  # made readable by others: closed until fixed
         answer = httpx.post(url + "/v1/generate", json=body, headers=bearer(key), timeout=60)
         assert answer.status_code == 401

@@ -106,10 +106,10 @@ def configure_logging(settings: Settings, stream: TextIO | None = None) -> loggi
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
-    # The HTTP client logs every backend call at info: noise beside our access lines.
-    quiet = "DEBUG" if settings.log_level == "debug" else "WARNING"
-    for name in ("httpx", "httpcore"):
-        logging.getLogger(name).setLevel(quiet)
+    # The HTTP and runtime clients log each backend call (its URL, credentials included)
+    # and at debug its request body (patient text): never below warning, whatever the level.
+    for name in ("httpx", "httpcore", "openai", "ollama"):
+        logging.getLogger(name).setLevel("WARNING")
     access = logging.getLogger("uvicorn.access")
     access.handlers.clear()
     access.propagate = False

@@ -236,7 +236,12 @@ class KeyStore:
         self, name: str, tasks: Iterable[str] = (), endpoints: Iterable[str] = ()
     ) -> tuple[KeyRecord, str]:
         """A new key: its record and the key itself (shown once, never stored).
-        Empty `tasks` or `endpoints` mean all."""
+
+        Empty `tasks` means every task. Empty `endpoints` means all of them, except for a
+        key limited to some tasks: it gets the `tasks` endpoint only, since the dialects
+        (native, OpenAI, Ollama) would let it send any prompt, that of another task too."""
+        tasks = tuple(tasks)
+        endpoints = tuple(endpoints) or (("tasks",) if tasks else ())
         if not NAME.fullmatch(name):
             raise InvalidRequestError(
                 f"invalid key name {name[:64]!r}",

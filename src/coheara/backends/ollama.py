@@ -68,6 +68,8 @@ class OllamaBackend(Backend):
         keep_alive: str | None,
     ) -> None:
         self.url = url.rstrip("/")
+        self.where = public_url(self.url)
+        """The URL as messages, health reports and records show it: no credentials."""
         self.model = model
         self.num_ctx = num_ctx
         self.timeout_s = timeout_s
@@ -156,7 +158,7 @@ class OllamaBackend(Backend):
                     yield StreamEvent(text=text)
             if final is None:
                 raise BackendError(
-                    f"Ollama at {self.url} ended the stream without its final chunk",
+                    f"Ollama at {self.where} ended the stream without its final chunk",
                     hint="check the Ollama server log",
                 )
             yield final
@@ -217,7 +219,7 @@ class OllamaBackend(Backend):
             constrained_decoding=True,
             exact_token_count=False,
             details={
-                "url": self.url,
+                "url": self.where,
                 "num_ctx": self.num_ctx,
                 "capabilities": listed if isinstance(listed, list) else None,
                 "family": details.get("family"),
@@ -244,10 +246,10 @@ class OllamaBackend(Backend):
         except Exception as exc:
             error = exc if isinstance(exc, CohearaError) else self._map_error(exc)
             return Health(False, self.name, str(error))
-        return Health(True, self.name, f"Ollama {version} at {self.url}", version)
+        return Health(True, self.name, f"Ollama {version} at {self.where}", version)
 
     def endpoints(self) -> list[EndpointStatus]:
-        return [EndpointStatus(name=public_url(self.url), healthy=None)]
+        return [EndpointStatus(name=self.where, healthy=None)]
 
     async def aclose(self) -> None:
         await self._client.close()
@@ -262,46 +264,47 @@ class OllamaBackend(Backend):
             return self._map_response_error(exc, request)
         if isinstance(exc, httpx.ConnectError | ConnectionError):
             return BackendUnavailableError(
-                f"cannot connect to Ollama at {self.url}",
+                f"cannot connect to Ollama at {self.where}",
                 hint="start Ollama (ollama serve), or point OLLAMA_HOST / COHEARA_OLLAMA_URL "
                 "at a running server",
-                url=self.url,
+                url=self.where,
             )
         if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
             return BackendTimeoutError(
-                f"Ollama at {self.url} did not accept a connection within "
+                f"Ollama at {self.where} did not accept a connection within "
                 f"{self.connect_timeout_s:g}s",
                 hint="check that Ollama is running and reachable",
-                url=self.url,
+                url=self.where,
             )
         if isinstance(exc, httpx.TimeoutException):
             waited = "between two tokens" if received else "for the first token"
             return BackendTimeoutError(
-                f"Ollama at {self.url} sent nothing for {self.timeout_s:g}s ({waited})",
+                f"Ollama at {self.where} sent nothing for {self.timeout_s:g}s ({waited})",
                 hint="raise COHEARA_TIMEOUT_S, or check whether the model is still loading",
-                url=self.url,
+                url=self.where,
             )
         if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError):
             when = "mid-stream" if received else "before it answered"
             return BackendError(
-                f"connection lost {when} to Ollama at {self.url}",
+                f"connection lost {when} to Ollama at {self.where}",
                 hint="the server closed the connection; check the Ollama log (it may have "
                 "crashed or run out of memory)",
-                url=self.url,
+                url=self.where,
             )
         if isinstance(exc, json.JSONDecodeError | pydantic.ValidationError):
             return BackendError(
-                f"Ollama at {self.url} sent a line that is not a chat chunk",
+                f"Ollama at {self.where} sent a line that is not a chat chunk",
                 hint="check that the URL points at Ollama",
-                url=self.url,
+                url=self.where,
             )
         if isinstance(exc, httpx.HTTPError):
             return BackendError(
-                f"HTTP failure talking to Ollama at {self.url}: {type(exc).__name__}", url=self.url
+                f"HTTP failure talking to Ollama at {self.where}: {type(exc).__name__}",
+                url=self.where,
             )
         return BackendError(
-            f"unexpected failure talking to Ollama at {self.url}: {type(exc).__name__}",
-            url=self.url,
+            f"unexpected failure talking to Ollama at {self.where}: {type(exc).__name__}",
+            url=self.where,
         )
 
     def _map_response_error(self, exc: ResponseError, request: ChatRequest | None) -> CohearaError:
@@ -322,16 +325,16 @@ class OllamaBackend(Backend):
             hint = f"run `ollama pull {self.model}`"
             if not names_model:
                 # A bare 404 ("404 page not found") is more likely a URL that is not Ollama.
-                hint += f", and check that {self.url} is an Ollama server"
+                hint += f", and check that {self.where} is an Ollama server"
             return ModelNotFoundError(
-                f"model {self.model} not found on Ollama at {self.url}",
+                f"model {self.model} not found on Ollama at {self.where}",
                 hint=hint,
                 model=self.model,
                 status=status,
             )
         if status in (429, 503):
             return BackendOverloadedError(
-                f"Ollama at {self.url} is busy (HTTP {status}: {detail})",
+                f"Ollama at {self.where} is busy (HTTP {status}: {detail})",
                 hint="retry later, or raise OLLAMA_MAX_QUEUE / OLLAMA_NUM_PARALLEL on the server",
                 status=status,
             )
@@ -347,7 +350,7 @@ class OllamaBackend(Backend):
                 status=None,
             )
         return BackendError(
-            f"Ollama at {self.url} answered HTTP {status}: {detail}",
+            f"Ollama at {self.where} answered HTTP {status}: {detail}",
             hint="check the Ollama server log",
             status=status,
         )

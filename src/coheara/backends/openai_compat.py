@@ -94,13 +94,15 @@ class OpenAIBackend(Backend):
         vision: bool = True,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.where = public_url(self.base_url)
+        """The URL as messages, health reports and records show it: no credentials."""
         self.model = model
         self.configured_context_length = context_length
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.vision = vision
         self._client = openai.AsyncOpenAI(
-            base_url=self.base_url,
+            base_url=self.where,
             api_key=api_key or "not-needed",
             timeout=openai.Timeout(timeout_s, connect=connect_timeout_s),
             # A retried generation doubles the GPU work; the caller decides.
@@ -178,7 +180,7 @@ class OpenAIBackend(Backend):
                         finish = choice.finish_reason
             if finish is None:
                 raise BackendError(
-                    f"the server at {self.base_url} ended the stream before the model finished",
+                    f"the server at {self.where} ended the stream before the model finished",
                     hint="check the server log",
                 )
             yield StreamEvent(
@@ -219,7 +221,7 @@ class OpenAIBackend(Backend):
                 entry = next((e for e in entries if getattr(e, "root", None) == self.model), None)
             if entry is None:
                 raise ModelNotFoundError(
-                    f"model {self.model} is not served at {self.base_url}; it serves: "
+                    f"model {self.model} is not served at {self.where}; it serves: "
                     + (", ".join(served) if served else "(nothing)"),
                     hint="set COHEARA_OPENAI_MODEL (or --model) to a served id, or start the "
                     "server with this model",
@@ -240,7 +242,7 @@ class OpenAIBackend(Backend):
                 constrained_decoding=True,
                 exact_token_count=False,
                 details={
-                    "url": self.base_url,
+                    "url": self.where,
                     "served_models": served,
                     "context_length_source": (
                         "server max_model_len"
@@ -270,7 +272,7 @@ class OpenAIBackend(Backend):
             except openai.NotFoundError:
                 models = await probe.models.list()
                 count = len(list(models.data))
-                return Health(True, self.name, f"{count} model(s) served at {self.base_url}")
+                return Health(True, self.name, f"{count} model(s) served at {self.where}")
             version: str | None = None
             try:
                 body = await probe.get(f"{root}/version", cast_to=object)
@@ -278,13 +280,13 @@ class OpenAIBackend(Backend):
                     version = body["version"]
             except Exception:
                 version = None
-            return Health(True, self.name, f"healthy at {self.base_url}", version)
+            return Health(True, self.name, f"healthy at {self.where}", version)
         except Exception as exc:
             error = exc if isinstance(exc, CohearaError) else await self._map_error(exc)
             return Health(False, self.name, str(error))
 
     def endpoints(self) -> list[EndpointStatus]:
-        return [EndpointStatus(name=public_url(self.base_url), healthy=None)]
+        return [EndpointStatus(name=self.where, healthy=None)]
 
     async def aclose(self) -> None:
         await self._client.close()
@@ -308,23 +310,23 @@ class OpenAIBackend(Backend):
         if isinstance(exc, openai.APITimeoutError):
             waited = "while streaming" if streaming else "before answering"
             return BackendTimeoutError(
-                f"the server at {self.base_url} sent nothing for {self.timeout_s:g}s ({waited})",
+                f"the server at {self.where} sent nothing for {self.timeout_s:g}s ({waited})",
                 hint="raise COHEARA_TIMEOUT_S, or check the server's load",
-                url=self.base_url,
+                url=self.where,
             )
         if isinstance(exc, openai.APIConnectionError):
             if streaming:
                 return BackendError(
-                    f"connection lost mid-stream to {self.base_url}",
+                    f"connection lost mid-stream to {self.where}",
                     hint="the server closed the connection; check its log (it may have crashed "
                     "or run out of memory)",
-                    url=self.base_url,
+                    url=self.where,
                 )
             return BackendUnavailableError(
-                f"cannot connect to the OpenAI-compatible server at {self.base_url}",
+                f"cannot connect to the OpenAI-compatible server at {self.where}",
                 hint="start it (for example `vllm serve google/medgemma-1.5-4b-it`) or set "
                 "COHEARA_OPENAI_URL",
-                url=self.base_url,
+                url=self.where,
             )
         if isinstance(exc, openai.APIStatusError):
             return await self._map_status_error(exc, request)
@@ -334,13 +336,13 @@ class OpenAIBackend(Backend):
             if is_context_overflow(raw):
                 return self._overflow(raw, request, status=None)
             return BackendError(
-                f"the server at {self.base_url} failed mid-stream: "
+                f"the server at {self.where} failed mid-stream: "
                 f"{redact_server_detail(raw, request)}",
                 hint="check the server log",
             )
         return BackendError(
-            f"unexpected failure talking to {self.base_url}: {type(exc).__name__}",
-            url=self.base_url,
+            f"unexpected failure talking to {self.where}: {type(exc).__name__}",
+            url=self.where,
         )
 
     def _overflow(
@@ -351,7 +353,7 @@ class OpenAIBackend(Backend):
         if found:
             numbers = {"window": int(found.group(1)), "requested_tokens": int(found.group(2))}
         return ContextOverflowError(
-            f"the server at {self.base_url} refused the prompt: it does not fit the model's "
+            f"the server at {self.where} refused the prompt: it does not fit the model's "
             f"context window: {redact_server_detail(raw, request)}",
             hint="shorten the input, lower max_tokens, or start the server with a larger "
             "window (vLLM: --max-model-len)",
@@ -381,30 +383,30 @@ class OpenAIBackend(Backend):
                     "to one of them"
                 )
             return ModelNotFoundError(
-                f"model {self.model} not found at {self.base_url}: {detail}",
+                f"model {self.model} not found at {self.where}: {detail}",
                 hint=hint,
                 model=self.model,
                 served=served,
             )
         if status in (400, 422):
             return InvalidRequestError(
-                f"the server at {self.base_url} rejected the request (HTTP {status}): {detail}",
+                f"the server at {self.where} rejected the request (HTTP {status}): {detail}",
                 status=status,
             )
         if status in (429, 503):
             return BackendOverloadedError(
-                f"the server at {self.base_url} is busy (HTTP {status}): {detail}",
+                f"the server at {self.where} is busy (HTTP {status}): {detail}",
                 hint="retry later",
                 status=status,
             )
         if status in (401, 403):
             return BackendError(
-                f"the server at {self.base_url} refused the credentials (HTTP {status})",
+                f"the server at {self.where} refused the credentials (HTTP {status})",
                 hint="check COHEARA_OPENAI_API_KEY",
                 status=status,
             )
         return BackendError(
-            f"the server at {self.base_url} answered HTTP {status}: {detail}",
+            f"the server at {self.where} answered HTTP {status}: {detail}",
             hint="check the server log",
             status=status,
         )

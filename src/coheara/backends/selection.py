@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
-from coheara.access.egress import check_backend_url
+from coheara.access.egress import check_backend_url, public_url
 from coheara.backends.base import (
     Backend,
     Capabilities,
@@ -138,7 +138,7 @@ class AutoBackend(Backend):
 
     async def _probe(self) -> Backend:
         reasons: list[str] = []
-        where = self._url or self._settings.ollama_url
+        where = public_url(self._url or self._settings.ollama_url)
         ollama = create_backend(
             self._settings.model_copy(update={"backend": "ollama"}),
             model=self._model,

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from coheara.access.keys import ENDPOINTS, KeyStore
+from coheara.access.keys import ALL, ENDPOINTS, KeyStore
 from coheara.cli.common import err_console, write
 from coheara.settings import load_settings
 
@@ -33,7 +33,11 @@ def create(
     name: Annotated[str, typer.Argument(help="A plain name for the client, e.g. radiology-pacs.")],
     task: Annotated[
         list[str] | None,
-        typer.Option("--task", help="A task id it may run (repeat; default: every task)."),
+        typer.Option(
+            "--task",
+            help="A task id it may run (repeat; default: every task). A key limited to "
+            "tasks gets only the tasks endpoint unless --endpoint says otherwise.",
+        ),
     ] = None,
     endpoint: Annotated[
         list[str] | None,
@@ -47,6 +51,13 @@ def create(
     store = _store()
     record, key = store.create(name, task or (), endpoint or ())
     write(key + "\n")
+    dialects = sorted(set(record.endpoints) & {"native", "openai", "ollama", ALL})
+    if task and dialects:
+        err_console.print(
+            f"warning: the key may also call {', '.join(dialects)}, where any prompt goes: "
+            "its task limit binds only the tasks endpoint",
+            soft_wrap=True,
+        )
     err_console.print(
         f"created key {escape(record.name)} (id {record.id}) in {escape(str(store.path))}: "
         "it is shown only now, store it where the client keeps its secrets",
@@ -64,7 +75,7 @@ def list_keys(
         write(json.dumps(rows, indent=2) + "\n")
         return
     if not rows:
-        err_console.print("no keys: the server stays open on loopback and refuses other binds")
+        err_console.print("no keys: the server is open on loopback and refuses other binds")
         return
     table = Table(box=None, header_style="bold")
     for column in ("name", "id", "created", "status", "tasks", "endpoints"):
@@ -84,7 +95,14 @@ def list_keys(
 @keys_app.command()
 def revoke(name: Annotated[str, typer.Argument(help="The key's name.")]) -> None:
     """Revoke a key: a running server refuses it from its next request on."""
-    record = _store().revoke(name)
+    store = _store()
+    record = store.revoke(name)
     err_console.print(
         f"revoked key {escape(record.name)} (id {record.id}) at {record.revoked}", soft_wrap=True
     )
+    if store.active_count() == 0:
+        err_console.print(
+            "no active key is left: the server now refuses every request (it does not reopen); "
+            f"create a key, or remove {escape(str(store.path))} to run open on loopback",
+            soft_wrap=True,
+        )
