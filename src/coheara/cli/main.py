@@ -11,6 +11,7 @@ from coheara.cli.dev import dev_app
 from coheara.cli.doctor import doctor
 from coheara.cli.image import image_app
 from coheara.cli.keys import keys_app
+from coheara.cli.model import model_app
 from coheara.cli.plan import plan_command
 from coheara.cli.selftest import selftest
 from coheara.cli.serve import serve
@@ -34,6 +35,7 @@ app.command()(run)
 app.add_typer(dev_app, name="dev")
 app.add_typer(image_app, name="image")
 app.add_typer(audit_app, name="audit")
+app.add_typer(model_app, name="model")
 app.add_typer(keys_app, name="keys")
 
 
