@@ -225,7 +225,7 @@ def test_nothing_the_service_writes_or_prints_carries_the_marker(
     assert any(path.name == "audit.sqlite3" for path in written)
     haystacks = {"stdout": stdout, "stderr": stderr, "/metrics": b"".join(served)}
     haystacks.update({str(path.relative_to(tmp_path)): path.read_bytes() for path in written})
-    secret = api_key.rsplit("_", 1)[-1].encode()  # the API key is a secret too
+    secret = api_key.split("_", 2)[2].encode()  # the API key (coh_<id>_<secret>) is a secret too
     hits = [
         (where, needle)
         for where, content in haystacks.items()

@@ -8,6 +8,14 @@ input error (4xx: the prompt does not fit, the model is unknown, ...) is the cal
 is returned as is, never retried. After the first event an error ends the call: half an
 answer is never sent again.
 
+First-token bound: with `first_token_timeout_s` (the engine passes its setting with each
+call), an endpoint that sends no first event within it (connect included) is a failure of
+that endpoint, counted towards ejection, and the call fails over: nothing has reached the
+caller yet. A replica that answers its health checks but never generates is taken out
+of rotation this way; bounded only from outside, its calls would be cancelled and it
+would stay in rotation. The engine's own bound then covers the whole first-token phase,
+every endpoint's try included (`first_token_phase_s`).
+
 `eject_after_failures` consecutive failures take an endpoint out of rotation; a health
 loop (every `health_interval_s`, started lazily inside the running event loop, stopped by
 `aclose`) checks every endpoint, takes out one that fails its check and brings one back
@@ -44,6 +52,9 @@ from coheara.errors import (
 
 HEALTH_TIMEOUT_S = 10.0
 """Bound on one endpoint's health check (each backend bounds its own probe too)."""
+FIRST_TOKEN_GRACE_S = 1.0
+"""How much longer than every endpoint's first-token bound together the caller's own
+bound on the phase runs, so that the pool's timer on its last try fires first."""
 
 
 def connect_phase(error: BaseException) -> bool:
@@ -62,15 +73,31 @@ def connect_phase(error: BaseException) -> bool:
 
 
 def fails_over(error: CohearaError) -> bool:
-    """An endpoint failure that another endpoint may not share (before the first event)."""
+    """An endpoint failure that another endpoint may not share (before the first event):
+    for a timeout, one while connecting or the pool's own first-token bound."""
     if isinstance(error, BackendTimeoutError):
-        return connect_phase(error)
+        return error.details.get("phase") == "first_token" or connect_phase(error)
     return isinstance(error, BackendUnavailableError | BackendError)
+
+
+def first_token_timeout(backend: str, seconds: float) -> BackendTimeoutError:
+    """One endpoint sent nothing within the first-token bound (worded as the engine's)."""
+    return BackendTimeoutError(
+        f"{backend} sent no first token within {seconds:g}s (first-token timeout)",
+        hint="raise COHEARA_FIRST_TOKEN_TIMEOUT_S, or check whether the model is still "
+        "loading or the runtime is overloaded",
+        phase="first_token",
+        timeout_s=seconds,
+    )
 
 
 def endpoint_fault(error: CohearaError) -> bool:
     """A failure that counts against the endpoint (towards taking it out of rotation)."""
     return isinstance(error, BackendUnavailableError | BackendError | BackendTimeoutError)
+
+
+class _NoFirstEvent(Exception):
+    """An endpoint's first event did not come within the pool's bound."""
 
 
 @dataclass
@@ -115,6 +142,7 @@ class PooledBackend(Backend):
         health_interval_s: float = 10.0,
         eject_after_failures: int = 3,
         health_timeout_s: float = HEALTH_TIMEOUT_S,
+        first_token_timeout_s: float | None = None,
     ) -> None:
         if not endpoints:
             raise ConfigurationError("a pool of replicas needs at least one endpoint")
@@ -128,6 +156,8 @@ class PooledBackend(Backend):
         self.health_interval_s = health_interval_s
         self.eject_after_failures = eject_after_failures
         self.health_timeout_s = health_timeout_s
+        self.first_token_timeout_s = first_token_timeout_s
+        """Per endpoint, for a call that names none (None: unbounded here)."""
         self._turn = 0
         self._capabilities: Capabilities | None = None
         self._capabilities_lock: asyncio.Lock | None = None
@@ -146,6 +176,11 @@ class PooledBackend(Backend):
 
     def endpoints(self) -> list[EndpointStatus]:
         return [endpoint.status() for endpoint in self._endpoints]
+
+    def first_token_phase_s(self, per_endpoint_s: float) -> float:
+        """The bound for a whole call's first-token phase when each endpoint gets
+        `per_endpoint_s`: every endpoint tried once (at most), and a grace."""
+        return per_endpoint_s * len(self._endpoints) + FIRST_TOKEN_GRACE_S
 
     # ----- routing ----------------------------------------------------------------------
 
@@ -178,12 +213,17 @@ class PooledBackend(Backend):
         if endpoint.consecutive_failures >= self.eject_after_failures:
             endpoint.healthy = False
 
-    async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamEvent, None]:
+    async def stream(
+        self, request: ChatRequest, *, first_token_s: float | None = None
+    ) -> AsyncGenerator[StreamEvent, None]:
         """The least busy endpoint's stream; its closing event names it and the failovers.
 
-        A call cancelled or closed by its caller (a client gone, the engine's first-token
-        or total timeout) does not count against the endpoint.
+        `first_token_s` (default `first_token_timeout_s`) bounds each endpoint's wait for
+        its first event; past it the endpoint has failed and the call moves on. A call
+        cancelled or closed by its caller (a client gone, the engine's total timeout) does
+        not count against the endpoint.
         """
+        bound = self.first_token_timeout_s if first_token_s is None else first_token_s
         self._ensure_health_loop()
         tried: set[int] = set()
         fallback = True
@@ -203,7 +243,14 @@ class PooledBackend(Backend):
             events = endpoint.backend.stream(request)
             try:
                 async with aclosing(events):
-                    async for event in events:
+                    while True:
+                        try:
+                            event = await self._next(events, None if started else bound)
+                        except StopAsyncIteration:
+                            break
+                        except _NoFirstEvent:
+                            assert bound is not None
+                            raise first_token_timeout(endpoint.backend.name, bound) from None
                         started = True
                         if event.done:
                             self._succeeded(endpoint)
@@ -220,6 +267,21 @@ class PooledBackend(Backend):
                 failovers += 1
             finally:
                 endpoint.in_flight -= 1
+
+    @staticmethod
+    async def _next(events: AsyncGenerator[StreamEvent, None], bound: float | None) -> StreamEvent:
+        """The next event; `_NoFirstEvent` when `bound` runs out first. The stream is
+        awaited in this task, so the timeout cancels it where it waits."""
+        if bound is None:
+            return await anext(events)
+        timer = asyncio.timeout(bound)
+        try:
+            async with timer:
+                return await anext(events)
+        except TimeoutError:
+            if timer.expired():
+                raise _NoFirstEvent() from None
+            raise
 
     # ----- model facts and health -------------------------------------------------------
 

@@ -29,6 +29,8 @@ from coheara.backends.base import (
     Message,
     StreamEvent,
 )
+from coheara.backends.pool import PooledBackend
+from coheara.backends.selection import AutoBackend
 from coheara.context import CallContext, call_context
 from coheara.engine.budget import TokenEstimator, check_fits, check_not_truncated
 from coheara.engine.chat_format import InputMessage, ReasoningFilter, to_gemma_turns
@@ -358,10 +360,11 @@ class Engine:
         reasoning = ReasoningFilter()
         guard = RepetitionGuard() if self.settings.guard_enabled else None
         visible: list[str] = []
+        events, first_token_s = await self._backend_stream(request)
         stream = timed(
-            self.backend.stream(request),
+            events,
             backend=self.backend.name,
-            first_token_s=self.settings.first_token_timeout_s,
+            first_token_s=first_token_s,
             total_s=self.settings.timeout_s,
             deadline=deadline,
         )
@@ -418,6 +421,25 @@ class Engine:
             state.prompt_tokens = size.tokens
         if state.finish_reason == "length":
             state.warnings.append("output reached max_tokens: the draft may be cut short")
+
+    async def _backend_stream(
+        self, request: ChatRequest
+    ) -> tuple[AsyncGenerator[StreamEvent, None], float]:
+        """The backend's stream and the bound on its first event.
+
+        A pool of replicas (also one that `auto` resolved to) gets the first-token timeout
+        per endpoint, so that it counts a silent replica's failure and fails over; the
+        engine's bound then covers the whole phase, every endpoint's try included, and
+        never fires before the pool's own.
+        """
+        per_endpoint = self.settings.first_token_timeout_s
+        backend = self.backend
+        if isinstance(backend, AutoBackend):
+            backend = await backend.resolve()  # resolved by capabilities() already
+        if isinstance(backend, PooledBackend):
+            events = backend.stream(request, first_token_s=per_endpoint)
+            return events, backend.first_token_phase_s(per_endpoint)
+        return self.backend.stream(request), per_endpoint
 
     def _result(
         self,

@@ -9,8 +9,15 @@ answers when its queue is full, 503 with `{"error": ...}` and Retry-After. A slo
 held until the response is completely sent (streams included) or the client is gone,
 and released whatever happens, cancellation included.
 
+The body is read inside the slot, so it has a deadline: the whole body must arrive within
+`body_timeout_s` of the slot being granted (by default the queue timeout, the bound the
+operator already set on how long a call may wait without progress). A client that sends
+its headers and then withholds or trickles the body gets a 408 (`Connection: close`, the
+rest is never read) and its slot goes back; without it, a few such clients would hold
+every slot for as long as they like.
+
 The middleware sits inside `CallContextMiddleware`, so a refusal carries the request
-id and is audited with outcome `server_busy`.
+id and is audited with outcome `server_busy` (`request_timeout` for a late body).
 """
 
 from __future__ import annotations
@@ -21,11 +28,12 @@ import math
 import time
 from collections import deque
 
+from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from coheara.errors import ServerBusyError
-from coheara.server.errors import Dialect, dialect_for_path, error_body
+from coheara.server.errors import Dialect, dialect_for_path, error_body, route_path
 from coheara.server.middleware import is_model_call, note_failure
 
 OLLAMA_BUSY = "server busy, please try again.  maximum pending requests exceeded"
@@ -40,12 +48,16 @@ class Admission:
     between), so a newcomer can never overtake a request that is already waiting.
     """
 
-    def __init__(self, slots: int, max_queue: int, timeout_s: float) -> None:
+    def __init__(
+        self, slots: int, max_queue: int, timeout_s: float, body_timeout_s: float | None = None
+    ) -> None:
         if slots < 1:
             raise ValueError("admission needs at least one slot")
         self.slots = slots
         self.max_queue = max_queue
         self.timeout_s = timeout_s
+        self.body_timeout_s = timeout_s if body_timeout_s is None else body_timeout_s
+        """How long an admitted call may take to send its whole body (default: `timeout_s`)."""
         self.in_flight = 0
         self.refused = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
@@ -108,6 +120,41 @@ class Admission:
             self._waiters.remove(waiter)
 
 
+def body_deadline(receive: Receive, seconds: float) -> Receive:
+    """`receive`, with the whole request body due within `seconds` from now.
+
+    Past the deadline the read raises a 408 `HTTPException` (FastAPI re-raises one raised
+    while it reads the body, so the app's handlers answer in the route's dialect), with
+    `Connection: close`: the rest of the body is never read. Once the body is complete,
+    `receive` passes through unbounded: a streaming response waits on it for the client's
+    disconnect.
+    """
+    deadline = asyncio.get_running_loop().time() + seconds
+    complete = False
+
+    async def receive_in_time() -> Message:
+        nonlocal complete
+        if complete:
+            return await receive()
+        timer = asyncio.timeout_at(deadline)
+        try:
+            async with timer:
+                message = await receive()
+        except TimeoutError:
+            if not timer.expired():
+                raise
+            raise HTTPException(
+                408,
+                f"the request body did not arrive within {seconds:g} s",
+                headers={"Connection": "close"},
+            ) from None
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            complete = True
+        return message
+
+    return receive_in_time
+
+
 def busy_response(path: str, error: ServerBusyError) -> JSONResponse:
     """429 with Retry-After in the dialect's error shape; Ollama's own 503 in its dialect."""
     headers = {"Retry-After": str(error.retry_after_s)}
@@ -125,17 +172,21 @@ class AdmissionMiddleware:
         self.admission = admission
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not is_model_call(scope["method"], scope["path"]):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = route_path(scope)
+        if not is_model_call(scope["method"], path):
             await self.app(scope, receive, send)
             return
         try:
             await self.admission.acquire()
         except ServerBusyError as error:
             note_failure(error)
-            await busy_response(scope["path"], error)(scope, receive, send)
+            await busy_response(path, error)(scope, receive, send)
             return
         started = time.perf_counter()
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, body_deadline(receive, self.admission.body_timeout_s), send)
         finally:
             self.admission.release(time.perf_counter() - started)

@@ -24,7 +24,9 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from starlette._utils import get_route_path
 from starlette.exceptions import HTTPException
+from starlette.types import Scope
 
 from coheara.errors import CohearaError, InvalidRequestError, ModelNotFoundError
 from coheara.logs import route_template
@@ -39,6 +41,28 @@ class Dialect(enum.Enum):
 
 
 NATIVE_PATHS = ("/v1/generate", "/v1/extract", "/healthz")
+
+
+def route_path(scope: Scope) -> str:
+    """The path as the router matches it: `scope["path"]` less the app's `root_path`.
+
+    Starlette has no public API for it; its router and FastAPI's call this same helper,
+    so what access, admission, audit, metrics and error shapes see is what gets routed.
+    """
+    return get_route_path(scope)
+
+
+_HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "request_too_large",
+}
+
+
+def http_code(status: int) -> str:
+    """The stable code of a framework-level refusal (unknown route, slow body, ...)."""
+    return _HTTP_CODES.get(status, "http_error")
 
 
 def dialect_for_path(path: str) -> Dialect:
@@ -178,7 +202,7 @@ def _validation_summary(exc: RequestValidationError) -> tuple[str, list[dict[str
 
 async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    dialect = dialect_for_path(request.url.path)
+    dialect = dialect_for_path(route_path(request.scope))
     message, errors, where = _validation_summary(exc)
     if dialect is Dialect.NATIVE:
         body = {
@@ -193,17 +217,15 @@ async def validation_error_handler(request: Request, exc: Exception) -> JSONResp
 
 async def coheara_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, CohearaError)
-    return error_response(dialect_for_path(request.url.path), exc)
+    return error_response(dialect_for_path(route_path(request.scope)), exc)
 
 
 async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     """Unknown route, wrong method, body too large: the framework's own errors, in our shapes."""
     assert isinstance(exc, HTTPException)
-    dialect = dialect_for_path(request.url.path)
+    dialect = dialect_for_path(route_path(request.scope))
     detail = exc.detail if isinstance(exc.detail, str) else "request refused"
-    code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(
-        exc.status_code, "http_error"
-    )
+    code = http_code(exc.status_code)
     body: dict[str, Any]
     if dialect is Dialect.NATIVE:
         body = {"error": {"code": code, "message": detail}}
@@ -223,7 +245,7 @@ async def unexpected_error_handler(request: Request, exc: Exception) -> JSONResp
     """
     route = route_template(request.scope)  # never the raw path: it may carry client text
     log.error("unhandled %s on %s %s", type(exc).__name__, request.method, route)
-    return error_response(dialect_for_path(request.url.path), internal_error())
+    return error_response(dialect_for_path(route_path(request.scope)), internal_error())
 
 
 def as_coheara_error(exc: BaseException) -> CohearaError:

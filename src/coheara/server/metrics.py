@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from coheara.server.errors import route_path
 from coheara.server.middleware import surface_for
 
 if TYPE_CHECKING:
@@ -132,7 +133,8 @@ class Metrics:
             self.latency.labels(task).observe(call.duration_s)
 
     def response(self, method: str, path: str, status: int, duration_s: float) -> None:
-        """One HTTP response; a successful task run is held to its latency target."""
+        """One HTTP response (`path`: the route path, prefix removed); a successful task
+        run is held to its latency target."""
         surface = surface_for(path) or NONE
         self.http.labels(surface, str(status)).inc()
         if status == 200 and surface == "tasks" and method == "POST":
@@ -224,7 +226,7 @@ class HttpMetricsMiddleware:
             await self.app(scope, receive, send_noting)
         finally:
             self.metrics.response(
-                scope["method"], scope["path"], status, time.perf_counter() - started
+                scope["method"], route_path(scope), status, time.perf_counter() - started
             )
 
 

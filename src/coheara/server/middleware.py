@@ -12,6 +12,11 @@ With `access`, the request's API key is checked here, before anything reads the 
 a refusal is answered in the route's own dialect (401 with `WWW-Authenticate: Bearer`,
 or 403), and on a model route it is audited too (outcome invalid_api_key or
 permission_denied). The key's name is the call context's `client`.
+
+Every layer here (and admission, metrics) reads the path the router matches, `route_path`:
+without the `root_path` that a proxy prefix (`uvicorn --root-path`) or a mount
+(`Mount("/x", app)`) puts in front of it. The raw `scope["path"]` would let a prefixed
+request pass as "no known endpoint" while the router still serves it.
 """
 
 from __future__ import annotations
@@ -28,14 +33,19 @@ from coheara.audit import AuditLog, current_scope
 from coheara.audit.observer import Scope as AuditScope
 from coheara.context import calling
 from coheara.errors import CohearaError
-from coheara.server.errors import Dialect, dialect_for_path, error_response
+from coheara.server.errors import (
+    Dialect,
+    dialect_for_path,
+    error_response,
+    http_code,
+    route_path,
+)
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 MODEL_ROUTES = frozenset(
     {"/v1/generate", "/v1/extract", "/v1/chat/completions", "/api/chat", "/api/generate"}
 )
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
 def surface_for(path: str) -> str | None:
@@ -89,7 +99,7 @@ def note_failure(error: BaseException, outcome: str | None = None) -> None:
 
 
 def http_outcome(status: int) -> str:
-    return _HTTP_CODES.get(status, "http_error")
+    return http_code(status)
 
 
 class CallContextMiddleware:
@@ -110,7 +120,7 @@ class CallContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path: str = scope["path"]
+        path = route_path(scope)
         headers = Headers(scope=scope)
         request_id = request_id_from(headers)
         status = 0
@@ -159,7 +169,7 @@ class CallContextMiddleware:
             return
         if audit_scope is not None:
             audit_scope.failed(error.code, type(error).__name__)
-        response = error_response(dialect_for_path(scope["path"]), error)
+        response = error_response(dialect_for_path(route_path(scope)), error)
         if error.http_status == 401:
             response.headers.update(CHALLENGE)
         await response(scope, receive, send)
