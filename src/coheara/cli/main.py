@@ -6,6 +6,7 @@ import typer
 
 from coheara.cli.ask import ask
 from coheara.cli.audit import audit_app
+from coheara.cli.bench import bench
 from coheara.cli.common import err_console, report
 from coheara.cli.dev import dev_app
 from coheara.cli.doctor import doctor
@@ -30,6 +31,7 @@ app.command()(serve)
 app.command()(selftest)
 app.command()(doctor)
 app.command("plan")(plan_command)
+app.command()(bench)
 app.command()(tasks)
 app.command()(run)
 app.add_typer(dev_app, name="dev")
