@@ -292,9 +292,32 @@ async def test_ejection_after_failures_and_return_after_the_health_check(
     a.down = False
     await pool.refresh()
     status = pool.endpoints()[0]
-    assert (status.healthy, status.consecutive_failures) == (True, 0)
+    assert (status.healthy, status.consecutive_failures) == (True, 1)  # on probation
     endpoints = {(await engine.generate(PROMPT)).endpoint for _ in range(2)}
     assert endpoints == {url_a, url_b}
+    assert pool.endpoints()[0].consecutive_failures == 0  # a call succeeded: cleared
+
+
+async def test_a_replica_back_on_probation_is_out_again_after_one_failed_call(
+    a_b: list[tuple[ScriptedOllama, str]], make_engine: Callable[..., Engine]
+) -> None:
+    (a, url_a), (_, url_b) = a_b
+    engine = make_engine([url_a, url_b], eject_after_failures=3)
+    pool = pool_of(engine)
+    a.fail_next = 3  # its chats fail, its health check passes
+    for _ in range(10):  # bounded: the rotation reaches A within a few calls
+        assert (await engine.generate(PROMPT)).endpoint == url_b
+        if pool.endpoints()[0].healthy is False:
+            break
+    assert chats(a) == 3 and pool.endpoints()[0].healthy is False
+    a.fail_next = 1
+    await pool.refresh()
+    assert (pool.endpoints()[0].healthy, pool.endpoints()[0].consecutive_failures) == (True, 2)
+    for _ in range(10):
+        assert (await engine.generate(PROMPT)).endpoint == url_b  # failed over
+        if chats(a) == 4:
+            break
+    assert pool.endpoints()[0].healthy is False  # one failure, not three, took it out
 
 
 async def test_the_health_loop_takes_out_and_brings_back(

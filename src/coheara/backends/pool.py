@@ -352,8 +352,14 @@ class PooledBackend(Backend):
             health = Health(False, endpoint.backend.name, "the health check timed out")
         endpoint.last_health = health
         if health.ok:
-            if endpoint.healthy is not True:
-                endpoint.consecutive_failures = 0
+            if endpoint.healthy is False:
+                # Back on probation: its health check passes, but its calls failed; one
+                # more failed call takes it out again, a successful one clears it. (A
+                # replica that answers checks but not calls would otherwise cost
+                # `eject_after_failures` failed calls every health interval.)
+                endpoint.consecutive_failures = min(
+                    endpoint.consecutive_failures, self.eject_after_failures - 1
+                )
             endpoint.healthy = True
         else:
             endpoint.healthy = False
