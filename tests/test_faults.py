@@ -27,7 +27,7 @@ from coheara.backends.selection import create_backend
 from coheara.errors import BackendTimeoutError
 from coheara.server import create_app
 from fakes import FakeOllama, OllamaModel
-from fakes.faults import MODEL, Fault, FaultyOllama
+from fakes.faults import MODEL, Fault, FaultyOllama, replica_settings
 from servers import serve
 
 PROMPT = "Summarise: chest film, no findings."
@@ -36,19 +36,7 @@ WAIT_S = 15.0
 
 
 def settings_for(urls: list[str], **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "backend": "ollama",
-        "ollama_url": urls[0],
-        "backend_replicas": urls[1:],
-        "ollama_model": MODEL,
-        "health_interval_s": 3600.0,
-        "timeout_s": 30.0,
-        "connect_timeout_s": 2.0,
-        "first_token_timeout_s": 20.0,
-        "max_output_tokens": 32,
-    }
-    values.update(overrides)
-    return Settings(**values)
+    return replica_settings(urls, **overrides)
 
 
 @contextmanager

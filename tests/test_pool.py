@@ -28,7 +28,7 @@ from coheara.errors import (
 from coheara.server import create_app
 from fakes import FakeOpenAI, OllamaModel, OpenAIModel
 from fakes.fake_ollama import OVERFLOW_MESSAGE
-from fakes.faults import ScriptedOllama, unresponsive_port
+from fakes.faults import ScriptedOllama, replica_settings, unresponsive_port
 from servers import free_port, serve
 
 MODEL = model_facts.DEFAULT_OLLAMA_MODEL
@@ -56,20 +56,8 @@ def a_b(replicas: list[tuple[ScriptedOllama, str]]) -> list[tuple[ScriptedOllama
 
 
 def settings_for(urls: list[str], **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "backend": "ollama",
-        "ollama_url": urls[0],
-        "backend_replicas": urls[1:],
-        "ollama_model": MODEL,
-        "health_interval_s": 3600.0,
-        "eject_after_failures": 2,
-        "timeout_s": 30.0,
-        "connect_timeout_s": 2.0,
-        "first_token_timeout_s": 20.0,
-        "max_output_tokens": 32,
-    }
-    values.update(overrides)
-    return Settings(**values)
+    defaults = {"eject_after_failures": 2, "ollama_model": MODEL}
+    return replica_settings(urls, **{**defaults, **overrides})
 
 
 @pytest.fixture

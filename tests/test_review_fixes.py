@@ -39,7 +39,7 @@ from coheara.backends.selection import create_backend
 from coheara.errors import BackendTimeoutError
 from coheara.server import create_app
 from coheara.server.admission import OLLAMA_BUSY, Admission
-from fakes.faults import MODEL, Fault, FaultyOllama
+from fakes.faults import MODEL, Fault, FaultyOllama, replica_settings
 from fakes.stand_in import StandIn
 from servers import free_port, serve
 
@@ -358,20 +358,9 @@ def test_a_withheld_body_does_not_keep_a_waiting_call_from_its_slot(slow: Slow) 
 @contextmanager
 def service(urls: list[str], tmp_path: Path, **overrides: Any) -> Iterator[tuple[str, AuditLog]]:
     """`coheara serve`'s app on these Ollama URLs (the first, then replicas), audited."""
-    values: dict[str, Any] = {
-        "backend": "ollama",
-        "ollama_url": urls[0],
-        "backend_replicas": urls[1:],
-        "ollama_model": MODEL,
-        "health_interval_s": 3600.0,
-        "eject_after_failures": 2,
-        "timeout_s": 30.0,
-        "connect_timeout_s": 2.0,
-        "first_token_timeout_s": 0.3,
-        "max_output_tokens": 32,
-        **overrides,
-    }
-    settings = Settings(**values)
+    settings = replica_settings(
+        urls, eject_after_failures=2, first_token_timeout_s=1.5, **overrides
+    )
     engine = Engine(create_backend(settings), settings)
     with (
         AuditLog.open(tmp_path / "a.sqlite3") as audit,

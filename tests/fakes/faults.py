@@ -29,6 +29,8 @@ from typing import Any, Literal
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from coheara import Settings
+
 from .fake_ollama import FakeOllama
 
 FaultKind = Literal["ok", "cut", "close", "hang", "status", "slow"]
@@ -275,3 +277,20 @@ def unresponsive_port() -> Iterator[int]:
         for filler in fillers:
             filler.close()
         listener.close()
+
+
+def replica_settings(urls: list[str], **overrides: Any) -> Settings:
+    """Settings for Ollama at `urls` (the first, then replicas): health checks only when a
+    test asks for them, short timeouts, small outputs."""
+    values: dict[str, Any] = {
+        "backend": "ollama",
+        "ollama_url": urls[0],
+        "backend_replicas": urls[1:],
+        "ollama_model": MODEL,
+        "health_interval_s": 3600.0,
+        "timeout_s": 30.0,
+        "connect_timeout_s": 2.0,
+        "first_token_timeout_s": 20.0,
+        "max_output_tokens": 32,
+    }
+    return Settings(**{**values, **overrides})
