@@ -70,7 +70,9 @@ def serve(
         err_console.print(warning, markup=False)
     if audit is None:
         err_console.print(
-            "warning: the audit trail is off (COHEARA_AUDIT_ENABLED=false)", markup=False
+            "warning: the audit trail is off (COHEARA_AUDIT_ENABLED=false)"
+            + (": no content is retained either" if settings.audit_retain_content else ""),
+            markup=False,
         )
     else:
         err_console.print(f"audit trail: {audit.path}", markup=False)
