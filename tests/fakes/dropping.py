@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any, Literal
+
+from .raw_server import RawServer
 
 Ending = Literal["abort", "close", "finish"]
 
@@ -58,7 +58,7 @@ def sse_pieces(texts: Sequence[str], model: str = "m") -> list[bytes]:
     ]
 
 
-class DroppingServer:
+class DroppingServer(RawServer):
     """Serve on 127.0.0.1 until the `with` block ends; every request gets the cut reply.
 
     `pieces=None` closes the connection right after reading the request, before any
@@ -77,11 +77,7 @@ class DroppingServer:
         self.ending = ending
         self.bodies: list[Any] = []
         self.paths: list[str] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: asyncio.Server | None = None
-        self._ready = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.port = 0
+        super().__init__()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -116,41 +112,3 @@ class DroppingServer:
                 writer.transport.abort()
             else:
                 writer.close()
-
-    def _run(self) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-
-        async def start() -> None:
-            self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-            self.port = self._server.sockets[0].getsockname()[1]
-            self._ready.set()
-
-        loop.run_until_complete(start())
-        loop.run_forever()
-        loop.close()
-
-    async def _shutdown(self) -> None:
-        """Stop listening and end any handler still writing, so nothing outlives the loop."""
-        assert self._server is not None
-        self._server.close()
-        current = asyncio.current_task()
-        handlers = [task for task in asyncio.all_tasks() if task is not current]
-        for task in handlers:
-            task.cancel()
-        await asyncio.gather(*handlers, return_exceptions=True)
-
-    @contextmanager
-    def serve(self) -> Iterator[str]:
-        """Yields the base URL, e.g. `http://127.0.0.1:54321`."""
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("dropping server did not start")
-        try:
-            yield f"http://127.0.0.1:{self.port}"
-        finally:
-            assert self._loop is not None
-            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=10)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)

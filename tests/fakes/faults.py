@@ -32,6 +32,7 @@ from starlette.responses import JSONResponse, Response
 from coheara import Settings
 
 from .fake_ollama import FakeOllama
+from .raw_server import RawServer
 
 FaultKind = Literal["ok", "cut", "close", "hang", "status", "slow"]
 MODEL = "medgemma-fault:4b"
@@ -81,7 +82,7 @@ def _show() -> dict[str, Any]:
     }
 
 
-class FaultyOllama:
+class FaultyOllama(RawServer):
     """Serve on 127.0.0.1 inside `serve()`; set `script` (played in order, one fault per
     chat request) and `default` (after the script runs out)."""
 
@@ -90,10 +91,7 @@ class FaultyOllama:
         self.default = default or Fault()
         self.chats: list[ChatSeen] = []
         self.paths: list[str] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: asyncio.Server | None = None
-        self._ready = threading.Event()
-        self.port = 0
+        super().__init__()
 
     # ----- the HTTP side ----------------------------------------------------------------
 
@@ -187,43 +185,6 @@ class FaultyOllama:
         await writer.drain()
 
     # ----- running it -------------------------------------------------------------------
-
-    def _run(self) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-
-        async def start() -> None:
-            self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-            self.port = self._server.sockets[0].getsockname()[1]
-            self._ready.set()
-
-        loop.run_until_complete(start())
-        loop.run_forever()
-        loop.close()
-
-    async def _shutdown(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        current = asyncio.current_task()
-        handlers = [task for task in asyncio.all_tasks() if task is not current]
-        for task in handlers:
-            task.cancel()
-        await asyncio.gather(*handlers, return_exceptions=True)
-
-    @contextmanager
-    def serve(self) -> Iterator[str]:
-        """Yields the base URL, e.g. `http://127.0.0.1:54321`."""
-        thread = threading.Thread(target=self._run, daemon=True)
-        thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("faulty server did not start")
-        try:
-            yield f"http://127.0.0.1:{self.port}"
-        finally:
-            assert self._loop is not None
-            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=10)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            thread.join(timeout=10)
 
 
 class ScriptedOllama(FakeOllama):
