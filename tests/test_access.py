@@ -18,7 +18,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ import ollama
 import openai
 import pytest
 
+from cli_support import Ran, in_process, run_coheara, stop
 from coheara import Engine, Settings, model_facts
 from coheara.access import keys as keys_module
 from coheara.access.auth import Access
@@ -565,14 +566,7 @@ def serve_env(tmp_path: Path, keys_path: Path) -> dict[str, str]:
 
 
 def coheara(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "coheara.cli.main", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-    )
+    return run_coheara(*args, env=env)
 
 
 @pytest.fixture
@@ -582,12 +576,7 @@ def running() -> Iterator[list[subprocess.Popen[str]]]:
     yield started
     for process in started:
         if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+            stop(process)
 
 
 def start_serving(
@@ -621,41 +610,20 @@ def trusting(ca: Path) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(ca))
 
 
-def stop(process: subprocess.Popen[str]) -> str:
+def stop_reading(process: subprocess.Popen[str]) -> str:
+    """Stop the server and return what it printed on stderr."""
     process.terminate()
     _, err = process.communicate(timeout=30)
     return err
 
 
-@dataclass
-class Ran:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
 @pytest.fixture
 def cli(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> Iterator[Any]:
-    """`coheara ...` in this process (`main()`, so exit codes and error lines are the real
-    ones), with COHEARA_KEYS_PATH in `tmp_path`."""
+) -> Callable[..., Ran]:
+    """`coheara ...` in this process, with COHEARA_KEYS_PATH in `tmp_path`."""
     monkeypatch.setenv("COHEARA_KEYS_PATH", str(tmp_path / "data" / "keys.json"))
-    monkeypatch.setenv("COLUMNS", "200")
-    from coheara.cli.main import main
-
-    def run(*args: str) -> Ran:
-        capsys.readouterr()
-        monkeypatch.setattr(sys, "argv", ["coheara", *args])
-        try:
-            main()
-            code = 0
-        except SystemExit as exit_:
-            code = int(exit_.code or 0)
-        out, err = capsys.readouterr()
-        return Ran(code, out, err)
-
-    yield run
+    return in_process(monkeypatch, capsys)
 
 
 def one_error_line(result: Ran | subprocess.CompletedProcess[str]) -> str:
@@ -742,7 +710,7 @@ def test_serve_off_loopback_with_a_key_starts_closed(
     KeyStore(tmp_path / "keys.json").revoke("ward-app")  # no active key left: still closed
     assert httpx.get(url + "/api/tags", headers=bearer(key), timeout=10).status_code == 401
     assert httpx.get(url + "/api/tags", timeout=10).status_code == 401
-    err = stop(process)
+    err = stop_reading(process)
     assert f"on http://0.0.0.0:{port}" in err
     assert "warning: serving 0.0.0.0 without TLS" in err and "Traceback" not in err
 
@@ -778,5 +746,5 @@ def test_serve_over_tls(
             "No acute cardiopulmonary process. Heart size is normal."
         )
         assert http.get(url + "/v1/models").status_code == 401
-    err = stop(process)
+    err = stop_reading(process)
     assert f"on https://127.0.0.1:{port}" in err and "without TLS" not in err

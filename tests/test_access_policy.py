@@ -4,13 +4,13 @@ credentials never reach a health report, an error body or a result."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from cli_support import in_process
 from coheara import Engine, Settings, model_facts
 from coheara.access.auth import Access
 from coheara.access.keys import KeyStore
@@ -48,17 +48,11 @@ def test_the_cli_warns_about_both(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("COHEARA_KEYS_PATH", str(tmp_path / "keys.json"))
-    monkeypatch.setenv("COLUMNS", "200")
-    from coheara.cli.main import main
+    cli = in_process(monkeypatch, capsys)
 
     def run(*args: str) -> tuple[int, str]:
-        monkeypatch.setattr(sys, "argv", ["coheara", *args])
-        try:
-            main()
-            code = 0
-        except SystemExit as exit_:
-            code = int(exit_.code or 0)
-        return code, capsys.readouterr().err
+        ran = cli(*args)
+        return ran.returncode, ran.stderr
 
     code, err = run("keys", "create", "narrow", "--task", "SLM-04")
     assert code == 0 and "warning" not in err

@@ -17,7 +17,6 @@ import os
 import shutil
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,12 +27,14 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
+from audit_support import write_old_trail
+from cli_support import run_coheara
 from coheara import Engine, Settings
 from coheara.audit import AuditKey, AuditLog, AuditRecord, AuditStore, verify
 from coheara.audit.chain import GENESIS, link
 from coheara.audit.export import audit_event, bundle
 from coheara.audit.record import iso_time
-from coheara.audit.store import SCHEMA_VERSION, connect, migrate
+from coheara.audit.store import SCHEMA_VERSION
 from coheara.context import CallContext
 from coheara.engine.chat_format import InputMessage, to_gemma_turns
 from coheara.engine.engine import CallRecord
@@ -460,14 +461,7 @@ def missing_outcome(result: subprocess.CompletedProcess[str]) -> str:
 
 
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "coheara.cli.main", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        stdin=subprocess.DEVNULL,
-    )
+    return run_coheara(*args, env=env, timeout=300)
 
 
 # ----- the chain -------------------------------------------------------------------------------
@@ -756,21 +750,9 @@ def test_export_of_a_live_record_validates(trail: Trail) -> None:
 def test_a_version_1_trail_is_upgraded_in_place(tmp_path: Path) -> None:
     path = tmp_path / "audit.sqlite3"
     key = AuditKey.load(tmp_path / "audit.key")
-    connection = connect(path)
-    assert migrate(connection, upto=1) == 1
     old = AuditRecord(time=iso_time(1_700_000_000.0), outcome="ok", key_id=key.key_id)
-    link(old, 1, GENESIS)
     later = ("image_digests", "endpoint", "failovers")  # columns of versions 2 and 3
-    row = {k: v for k, v in old.row().items() if k not in later}
-    connection.execute(
-        f"INSERT INTO records ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})",
-        list(row.values()),
-    )
-    connection.execute(
-        "INSERT INTO head (id, seq, record_hash, seal) VALUES (1, 1, ?, ?)",
-        (old.record_hash, key.seal(1, old.record_hash)),
-    )
-    connection.close()
+    write_old_trail(path, key, old, version=1, later=later)
 
     with AuditLog.open(path) as log:
         log.observe(synthetic(1))

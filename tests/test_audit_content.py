@@ -18,7 +18,6 @@ import os
 import shutil
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,13 +28,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from audit_support import write_old_trail
+from cli_support import run_coheara
 from coheara import Engine, Settings
 from coheara.audit import AuditKey, AuditLog, AuditRecord, AuditStore, ContentKey, verify
-from coheara.audit.chain import GENESIS, link
 from coheara.audit.content import document
 from coheara.audit.export import audit_event
 from coheara.audit.record import endpoint_name, iso_time
-from coheara.audit.store import SCHEMA_VERSION, connect, migrate
+from coheara.audit.store import SCHEMA_VERSION
 from coheara.backends.base import Message
 from coheara.context import CallContext
 from coheara.engine.engine import CallRecord
@@ -62,14 +62,7 @@ def png(seed: int) -> bytes:
 
 
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "coheara.cli.main", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-    )
+    return run_coheara(*args, env=env, timeout=300)
 
 
 def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
@@ -563,8 +556,6 @@ def test_content_key_command_makes_a_private_key_file(
 def test_a_version_2_trail_is_upgraded_to_3_in_place(tmp_path: Path) -> None:
     path = tmp_path / "audit.sqlite3"
     key = AuditKey.load(tmp_path / "audit.key")
-    connection = connect(path)
-    assert migrate(connection, upto=2) == 2
     old = AuditRecord(
         time=iso_time(time.time() - 100 * DAY),
         outcome="ok",
@@ -572,17 +563,7 @@ def test_a_version_2_trail_is_upgraded_to_3_in_place(tmp_path: Path) -> None:
         images=1,
         image_digests=json.dumps(["ab" * 32]),
     )
-    link(old, 1, GENESIS)
-    row = {k: v for k, v in old.row().items() if k not in ("endpoint", "failovers")}
-    connection.execute(
-        f"INSERT INTO records ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})",
-        list(row.values()),
-    )
-    connection.execute(
-        "INSERT INTO head (id, seq, record_hash, seal) VALUES (1, 1, ?, ?)",
-        (old.record_hash, key.seal(1, old.record_hash)),
-    )
-    connection.close()
+    write_old_trail(path, key, old, version=2, later=("endpoint", "failovers"))
     assert verdict(path, tmp_path / "audit.key") == (None, "")
     store = AuditStore(path, readonly=True)  # reading never migrates; no content yet
     try:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from cli_support import run_coheara
 from coheara.deploy.latency import (
     CHARS_PER_TOKEN,
     SCENARIOS,
@@ -48,14 +47,7 @@ def test_the_command_on_the_tiny_model(tiny_model_dir: Path, tmp_path: Path) -> 
     arguments = ["bench", "--backend", "transformers", "--model", str(tiny_model_dir)]
     arguments += ["--runs", "2", "--warmup", "1", "--max-tokens", "4", "--scale", "0.01"]
     arguments += ["--json", str(out), "--chart", str(chart)]
-    done = subprocess.run(
-        [sys.executable, "-m", "coheara.cli.main", *arguments],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, "COLUMNS": "220"},
-    )
+    done = run_coheara(*arguments, env={**os.environ, "COLUMNS": "220"}, timeout=600)
     assert done.returncode == 0, done.stderr
     document = json.loads(out.read_text())
     rows = {row["scenario"]["id"]: row for row in document["rows"]}

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 
 import pytest
 
+from cli_support import run_coheara
 from coheara import Settings, model_facts
 from coheara.backends.ollama import OllamaBackend
 from coheara.deploy.doctor import (
@@ -156,14 +156,7 @@ def test_the_command_prints_json_and_exits_by_whether_it_can_serve(
     env = {k: v for k, v in os.environ.items() if not k.startswith("OLLAMA_")}
 
     def doctor() -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "coheara.cli.main", *COMMAND, "--url", url, "--json"],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=120,
-            stdin=subprocess.DEVNULL,
-        )
+        return run_coheara(*COMMAND, "--url", url, "--json", env=env)
 
     good = doctor()
     assert good.returncode == 0, good.stderr

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 
+from cli_support import run_coheara
 from coheara import Engine, Settings
 from coheara.access.egress import check_backend_url
 from coheara.errors import ConfigurationError
@@ -63,14 +62,7 @@ def test_engine_from_config_refuses_a_remote_backend(backend: str) -> None:
 
 def test_the_cli_says_it_in_one_line() -> None:
     environment = {**os.environ, "COHEARA_OLLAMA_URL": "http://192.0.2.10:11434"}
-    result = subprocess.run(
-        [sys.executable, "-m", "coheara.cli.main", "ask", "hello", "--backend", "ollama"],
-        capture_output=True,
-        text=True,
-        env=environment,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
+    result = run_coheara("ask", "hello", "--backend", "ollama", env=environment, timeout=60)
     assert result.returncode == 3
     lines = result.stderr.strip().splitlines()
     assert "192.0.2.10" in result.stderr and "Traceback" not in result.stderr

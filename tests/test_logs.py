@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
+from cli_support import stop
 from coheara import Settings, model_facts
 from coheara.logs import configure_logging
 from fakes import FakeOllama, OllamaModel
@@ -74,15 +75,6 @@ def run_server(fake_url: str, tmp_path: Path, log_format: str) -> tuple[str, sub
                 "coheara serve did not start: " + (tmp_path / "server.log").read_text()
             )
         time.sleep(0.1)
-
-
-def stop(process: subprocess.Popen[str]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)
 
 
 def test_json_access_lines_have_route_templates_request_ids_and_no_client_text(

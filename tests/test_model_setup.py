@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from cli_support import run_coheara
 from coheara.deploy.setup import modelfile, ollama_plan, weights_problems
 from coheara.errors import InvalidRequestError, ModelNotFoundError
 from fakes import FakeOllama, OllamaModel
@@ -111,15 +112,7 @@ def coheara(
 ) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OLLAMA_")}
     env.update({"PATH": path, "COHEARA_OLLAMA_URL": url, **extra})
-    return subprocess.run(
-        [sys.executable, "-m", "coheara.cli.main", "model", "setup", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-    )
+    return run_coheara("model", "setup", *args, env=env, cwd=tmp_path)
 
 
 def test_it_runs_ollama_and_checks_for_vision(

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 
+from cli_support import run_coheara
 from coheara.deploy.plan import (
     GIB,
     PlanInput,
@@ -115,13 +115,7 @@ def test_bad_input_is_a_clear_error(bad: dict[str, object]) -> None:
 
 
 def coheara(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "coheara.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
+    return run_coheara(*args, timeout=60)
 
 
 def test_the_command_prints_json_and_one_line_errors() -> None:
