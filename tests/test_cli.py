@@ -6,7 +6,6 @@ import io
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cli_support import run_coheara
 from coheara import model_facts
 from coheara.server.background import serve_in_process
 from fakes import FakeOllama, OllamaModel
@@ -41,15 +41,7 @@ def environment(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 def coheara(
     *args: str, env: dict[str, str], cwd: Path | None = None, timeout: float = 180
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "coheara.cli.main", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
+    return run_coheara(*args, env=env, cwd=cwd, timeout=timeout)
 
 
 def one_clean_line(result: subprocess.CompletedProcess[str]) -> str:
