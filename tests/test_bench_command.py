@@ -80,3 +80,64 @@ async def test_a_scenario_over_the_window_is_skipped_not_failed() -> None:
     assert rows[0]["runs"] == 2 and "skipped" not in rows[0]
     assert rows[1]["runs"] == 0 and "the window is 4096" in rows[1]["skipped"]
     assert len(fake.chat_bodies) == 2  # the full-context row never reached the backend
+
+
+def test_the_synthetic_full_size_path_end_to_end(
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`--synthetic-full-size` at a small size (the tiny config stands in for the full one,
+    which needs 9 GB): the in-memory model is benchmarked through the Transformers backend,
+    and every run writes exactly max_tokens decodable tokens (no early stop)."""
+    from transformers import AutoConfig
+
+    from cli_support import in_process
+    from coheara.dev import full_size
+
+    small = AutoConfig.from_pretrained(tiny_model_dir)
+    monkeypatch.setattr(full_size, "full_size_config", lambda token_ids=None: small)
+    run = in_process(monkeypatch, capsys)
+    out = tmp_path / "bench.json"
+    arguments = ["bench", "--synthetic-full-size", "--runs", "2", "--warmup", "0"]
+    ran = run(*arguments, "--max-tokens", "12", "--scale", "0.01", "--json", str(out))
+    assert ran.returncode == 0, ran.stderr
+    document = json.loads(out.read_text())
+    assert document["backend"] == "transformers" and document["model"] == "synthetic-full-size"
+    rows = {row["scenario"]["id"]: row for row in document["rows"]}
+    assert set(rows) == {"short_qa", "clinical_note", "image_text", "long_ehr"}
+    assert all(row["output_tokens"] == 12 for row in rows.values())
+    assert rows["image_text"]["prompt_tokens"] >= 256  # the vision tower ran
+
+    refused = run("bench", "--synthetic-full-size", "--backend", "ollama")
+    assert refused.returncode == 2
+    assert "drop --backend" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_the_synthetic_model_decodes_and_never_stops_early(tiny_model_dir: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from transformers import AutoConfig
+
+    from coheara.dev.full_size import full_size_config, synthetic_model
+    from coheara.dev.tiny_model import SPECIAL_TOKENS, build_processor
+
+    model, processor = synthetic_model(
+        "cpu", torch.float32, AutoConfig.from_pretrained(tiny_model_dir)
+    )
+    tokenizer = processor.tokenizer
+    embedding = model.get_input_embeddings().weight
+    assert model.get_output_embeddings().weight.data_ptr() == embedding.data_ptr()  # tied
+    assert not embedding[len(tokenizer) :].any() and embedding[: len(tokenizer)].abs().sum() > 0
+    prompt = tokenizer("ward round notes", return_tensors="pt")
+    with torch.inference_mode():
+        ids = model.generate(**prompt, max_new_tokens=24, do_sample=False)[
+            0, prompt["input_ids"].shape[1] :
+        ]
+    special = {tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    assert len(ids) == 24 and all(int(i) < len(tokenizer) and int(i) not in special for i in ids)
+    # The full-size config takes the tokenizer's ids, so the processor's image tokens match.
+    _, token_ids = build_processor()
+    config = full_size_config(token_ids)
+    assert config.image_token_index == token_ids["<image_soft_token>"]
+    assert config.text_config.vocab_size == 262_208  # the LM head keeps its real cost

@@ -139,6 +139,12 @@ def _choose_dtype(name: str, device: str) -> torch.dtype:
     return torch.float32
 
 
+def resolve(device: str, dtype: str) -> tuple[str, torch.dtype]:
+    """The device and dtype a backend configured so would use (float16 refused)."""
+    resolved = _resolve_device(device)
+    return resolved, _choose_dtype(_resolve_dtype_name(dtype), resolved)
+
+
 @dataclass(eq=False)
 class _Job:
     """One generation: its queue back to the event loop and its cancellation flag."""
@@ -284,6 +290,20 @@ class TransformersBackend(Backend):
         self._control_ban: _ControlCharBan | None = None
         self._grammars: OrderedDict[str, Any] = OrderedDict()
         self._capabilities: Capabilities | None = None
+
+    @classmethod
+    def from_loaded(cls, name: str, model: Any, processor: Any) -> TransformersBackend:
+        """A backend over a model already in memory (the synthetic full-size model of
+        `coheara bench --synthetic-full-size`): nothing is read from disk."""
+        device = str(model.device)
+        dtype = str(model.dtype).removeprefix("torch.")
+        backend = cls(name, device="cuda" if device.startswith("cuda") else device, dtype=dtype)
+        backend._device = device
+        backend._config = model.config
+        backend._counter = copy.deepcopy(processor.tokenizer)
+        backend._processor = processor
+        backend._hf_model = model.eval()
+        return backend
 
     # ----- loading ----------------------------------------------------------------------
 

@@ -57,9 +57,11 @@ class Row:
     ttft_s: list[float] = field(default_factory=list)
     total_s: list[float] = field(default_factory=list)
     tokens_per_s: list[float] = field(default_factory=list)
+    output_tokens: list[int] = field(default_factory=list)
 
     def add(self, result: GenerationResult) -> None:
         self.prompt_tokens.append(result.prompt_tokens)
+        self.output_tokens.append(result.output_tokens)
         self.total_s.append(result.total_s)
         if result.time_to_first_token_s is not None:
             self.ttft_s.append(result.time_to_first_token_s)
@@ -74,6 +76,9 @@ class Row:
             "runs": len(self.total_s),
             "prompt_tokens": int(statistics.median(self.prompt_tokens))
             if self.prompt_tokens
+            else 0,
+            "output_tokens": int(statistics.median(self.output_tokens))
+            if self.output_tokens
             else 0,
             "ttft_s": percentiles(self.ttft_s),
             "total_s": total,

@@ -3,7 +3,7 @@
 For measuring what the real model costs without its weights: built on the `meta` device
 it checks the facts the planner uses against Transformers' own Gemma 3 (parameters,
 attention layout); materialized with random weights on a GPU or CPU it gives the compute
-cost of the real shapes (the latency bench's `--synthetic-full-size`, a later step).
+cost of the real shapes (`coheara bench --synthetic-full-size`, `bench/gpu_rows.py`).
 """
 
 from __future__ import annotations
@@ -25,9 +25,21 @@ def layer_types(layers: int = mf.TEXT_LAYERS) -> list[str]:
     ]
 
 
-def full_size_config() -> Any:
-    """A `Gemma3Config` with MedGemma 1.5 4B's shapes (token ids as the real checkpoint's)."""
+def full_size_config(token_ids: dict[str, int] | None = None) -> Any:
+    """A `Gemma3Config` with MedGemma 1.5 4B's shapes; token ids as the real checkpoint's,
+    or as `token_ids` (the tiny tokenizer's, by token) for a model that must run."""
     from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
+
+    ids = {
+        "<pad>": 0,
+        "<eos>": 1,
+        "<bos>": 2,
+        "<end_of_turn>": 106,
+        "<start_of_image>": 255_999,
+        "<end_of_image>": 256_000,
+        "<image_soft_token>": 262_144,
+        **(token_ids or {}),
+    }
 
     text = Gemma3TextConfig(
         vocab_size=mf.VOCAB_SIZE,
@@ -41,9 +53,9 @@ def full_size_config() -> Any:
         sliding_window=mf.SLIDING_WINDOW,
         layer_types=layer_types(),
         max_position_embeddings=mf.CONTEXT_LENGTH,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=[1, 106],
+        pad_token_id=ids["<pad>"],
+        bos_token_id=ids["<bos>"],
+        eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]],
     )
     vision = SiglipVisionConfig(
         image_size=mf.IMAGE_SIZE,
@@ -58,7 +70,44 @@ def full_size_config() -> Any:
         text_config=text,
         vision_config=vision,
         mm_tokens_per_image=mf.IMAGE_SOFT_TOKENS,
-        boi_token_index=255_999,
-        eoi_token_index=256_000,
-        image_token_index=262_144,
+        boi_token_index=ids["<start_of_image>"],
+        eoi_token_index=ids["<end_of_image>"],
+        image_token_index=ids["<image_soft_token>"],
     )
+
+
+def synthetic_model(device: str, dtype: Any, config: Any = None) -> tuple[Any, Any]:
+    """A random-weight model of the full architecture on `device`, and the tiny model's
+    processor to drive it: the real compute cost, from any machine, with no download.
+
+    The vocabulary stays full size (the LM head is a real share of the cost), but the rows
+    of the tied embedding beyond the tiny tokenizer, and of its special tokens, are zeroed:
+    their logits are then 0 while some real token's is almost surely positive, so greedy
+    decoding writes decodable text and never stops early, and every run is `max_tokens`
+    long. `config` (default: `full_size_config` with the tokenizer's ids) lets a test run
+    the same path at a small size.
+    """
+    import torch
+    from transformers import Gemma3ForConditionalGeneration, GenerationConfig
+
+    from coheara.dev.tiny_model import SPECIAL_TOKENS, build_processor
+
+    processor, ids = build_processor()
+    config = config if config is not None else full_size_config(ids)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Gemma3ForConditionalGeneration._from_config(config, dtype=dtype).eval()
+    with torch.no_grad():
+        embedding = model.get_input_embeddings().weight
+        embedding[len(processor.tokenizer) :] = 0
+        embedding[[ids[token] for token in SPECIAL_TOKENS]] = 0
+        # A zero projector would make every image invisible to the text model.
+        projector = model.model.multi_modal_projector.mm_input_projection_weight
+        projector.normal_(0.0, 0.02)
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids["<bos>"],
+        pad_token_id=ids["<pad>"],
+        eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]],
+        do_sample=False,
+    )
+    return model, processor

@@ -21,7 +21,7 @@ import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -248,14 +248,42 @@ def build_tokenizer(seed: int = 0) -> PreTrainedTokenizerFast:
     )
 
 
+def build_processor(seed: int = 0) -> tuple[Any, dict[str, int]]:
+    """The tiny model's `Gemma3Processor` (tokenizer, chat template, 896 px image
+    processor) and the ids of its special tokens, for any model sized to match."""
+    from transformers import Gemma3ImageProcessorPil, Gemma3Processor
+
+    tokenizer = build_tokenizer(seed)
+    ids: dict[str, int] = {
+        t: int(tokenizer.convert_tokens_to_ids(t))  # type: ignore[arg-type]
+        for t in (*SPECIAL_TOKENS, *VISIBLE_ADDED_TOKENS)
+    }
+    image_processor = Gemma3ImageProcessorPil(
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        resample=2,  # PIL bilinear, as the real Gemma 3 processor
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        do_convert_rgb=True,
+        do_pan_and_scan=False,
+    )
+    processor = Gemma3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+        image_seq_length=IMAGE_SEQ_LENGTH,
+    )
+    return processor, ids
+
+
 def build_tiny_model(path: Path, *, seed: int = 0) -> Path:
     """Write the tiny checkpoint, processor and tokenizer to `path`; return `path`."""
     import torch
     from transformers import (
         Gemma3Config,
         Gemma3ForConditionalGeneration,
-        Gemma3ImageProcessorPil,
-        Gemma3Processor,
         Gemma3TextConfig,
         GenerationConfig,
         SiglipVisionConfig,
@@ -264,11 +292,8 @@ def build_tiny_model(path: Path, *, seed: int = 0) -> Path:
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(seed)
-    ids: dict[str, int] = {
-        t: int(tokenizer.convert_tokens_to_ids(t))  # type: ignore[arg-type]
-        for t in (*SPECIAL_TOKENS, *VISIBLE_ADDED_TOKENS)
-    }
+    processor, ids = build_processor(seed)
+    tokenizer = processor.tokenizer
     # The real lm_head is wider than the tokenizer (262208 vs 262145 entries): pad the same
     # way so that vocabulary-size mismatches (grammar masks, decoding) are exercised.
     vocab_size = -(-len(tokenizer) // 64) * 64
@@ -324,24 +349,6 @@ def build_tiny_model(path: Path, *, seed: int = 0) -> Path:
         pad_token_id=ids["<pad>"],
         eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]],
         do_sample=False,
-    )
-
-    image_processor = Gemma3ImageProcessorPil(
-        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        resample=2,  # PIL bilinear, as the real Gemma 3 processor
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-        do_convert_rgb=True,
-        do_pan_and_scan=False,
-    )
-    processor = Gemma3Processor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        chat_template=CHAT_TEMPLATE,
-        image_seq_length=IMAGE_SEQ_LENGTH,
     )
 
     verbosity = hf_logging.get_verbosity()
