@@ -80,6 +80,47 @@ SPEC_ROWS = {
 
 
 @dataclass(frozen=True)
+class Architecture:
+    """The shapes the arithmetic uses; MedGemma 1.5 4B's by default, any Gemma 3's by `of`."""
+
+    text_layers: int = mf.TEXT_LAYERS
+    global_layers: int = mf.GLOBAL_LAYERS
+    sliding_window: int = mf.SLIDING_WINDOW
+    kv_heads: int = mf.KV_HEADS
+    head_dim: int = mf.HEAD_DIM
+    query_heads: int = mf.QUERY_HEADS
+    hidden_size: int = mf.HIDDEN_SIZE
+    intermediate_size: int = mf.INTERMEDIATE_SIZE
+    vocab_size: int = mf.VOCAB_SIZE
+    vision_hidden: int = mf.VISION_HIDDEN
+    vision_heads: int = mf.VISION_HEADS
+    vision_patches: int = mf.VISION_PATCHES
+
+    @classmethod
+    def of(cls, config: Any) -> Architecture:
+        """From a Transformers `Gemma3Config` (the tiny test model's, a fine-tuned one's)."""
+        text, vision = config.get_text_config(), config.vision_config
+        kinds = list(text.layer_types)
+        return cls(
+            text_layers=len(kinds),
+            global_layers=kinds.count("full_attention"),
+            sliding_window=int(text.sliding_window),
+            kv_heads=int(text.num_key_value_heads),
+            head_dim=int(text.head_dim),
+            query_heads=int(text.num_attention_heads),
+            hidden_size=int(text.hidden_size),
+            intermediate_size=int(text.intermediate_size),
+            vocab_size=int(text.vocab_size),
+            vision_hidden=int(vision.hidden_size),
+            vision_heads=int(vision.num_attention_heads),
+            vision_patches=(int(vision.image_size) // int(vision.patch_size)) ** 2,
+        )
+
+
+MEDGEMMA_4B = Architecture()
+
+
+@dataclass(frozen=True)
 class PlanInput:
     variant: Variant = "q4_K_M"
     weights_gb: float | None = None
@@ -92,6 +133,7 @@ class PlanInput:
     vision: bool = True
     flash_attention: bool = False
     prefill_chunk: int = 512
+    architecture: Architecture = MEDGEMMA_4B
 
     def __post_init__(self) -> None:
         if self.variant == "custom" and self.weights_gb is None:
@@ -127,8 +169,11 @@ class Plan:
         return self.weights + self.kv_cache + self.vision + self.activations
 
     def to_dict(self) -> dict[str, Any]:
+        request = asdict(self.request)
+        if self.request.architecture == MEDGEMMA_4B:
+            del request["architecture"]
         return {
-            "input": asdict(self.request),
+            "input": request,
             "bytes": {
                 "weights": self.weights,
                 "kv_cache": self.kv_cache,
@@ -141,17 +186,23 @@ class Plan:
         }
 
 
-def kv_token_layers(context: int, *, sliding_window_cache: bool) -> int:
+def kv_token_layers(
+    context: int, *, sliding_window_cache: bool, architecture: Architecture = MEDGEMMA_4B
+) -> int:
     """Token-layer slots one sequence keeps in its cache."""
+    shape = architecture
     if not sliding_window_cache:
-        return mf.TEXT_LAYERS * context
-    local = mf.TEXT_LAYERS - mf.GLOBAL_LAYERS
-    return mf.GLOBAL_LAYERS * context + local * min(context, mf.SLIDING_WINDOW)
+        return shape.text_layers * context
+    local = shape.text_layers - shape.global_layers
+    return shape.global_layers * context + local * min(context, shape.sliding_window)
 
 
 def kv_cache_bytes(plan: PlanInput) -> int:
-    per_token_layer = 2 * mf.KV_HEADS * mf.HEAD_DIM * KV_BYTES_PER_ELEMENT[plan.kv_type]
-    slots = kv_token_layers(plan.context, sliding_window_cache=plan.sliding_window_cache)
+    shape = plan.architecture
+    per_token_layer = 2 * shape.kv_heads * shape.head_dim * KV_BYTES_PER_ELEMENT[plan.kv_type]
+    slots = kv_token_layers(
+        plan.context, sliding_window_cache=plan.sliding_window_cache, architecture=shape
+    )
     return round(slots * per_token_layer * plan.parallel)
 
 
@@ -165,19 +216,40 @@ def vision_bytes(plan: PlanInput) -> int:
     the float32 attention scores of one layer."""
     if not plan.vision:
         return 0
-    hidden = 4 * mf.VISION_PATCHES * mf.VISION_HIDDEN * 4
-    scores = 0 if plan.flash_attention else mf.VISION_HEADS * mf.VISION_PATCHES**2 * 4
+    shape = plan.architecture
+    hidden = 4 * shape.vision_patches * shape.vision_hidden * 4
+    scores = 0 if plan.flash_attention else shape.vision_heads * shape.vision_patches**2 * 4
     return hidden + scores
 
 
 def activation_bytes(plan: PlanInput) -> int:
     """One prefill chunk's float32 working set, its attention scores over the window
     (without flash attention) and a row of logits per sequence."""
+    shape = plan.architecture
     chunk = min(plan.prefill_chunk, plan.context)
-    working = chunk * (4 * mf.HIDDEN_SIZE + 3 * mf.INTERMEDIATE_SIZE) * 4
-    scores = 0 if plan.flash_attention else chunk * mf.QUERY_HEADS * plan.context * 4
-    logits = plan.parallel * mf.VOCAB_SIZE * 4
+    working = chunk * (4 * shape.hidden_size + 3 * shape.intermediate_size) * 4
+    scores = 0 if plan.flash_attention else chunk * shape.query_heads * plan.context * 4
+    logits = plan.parallel * shape.vocab_size * 4
     return working + scores + logits
+
+
+def transformers_plan(
+    context: int, *, vision: bool = False, architecture: Architecture = MEDGEMMA_4B
+) -> Plan:
+    """What the Transformers backend holds on CUDA for one request: bfloat16 weights and
+    cache, a sliding-window-aware cache (its sliding layers keep the last window), the
+    whole prompt prefilled at once, and SDPA kernels that never materialize scores."""
+    return plan(
+        PlanInput(
+            variant="bf16",
+            context=context,
+            kv_type="bf16",
+            vision=vision,
+            flash_attention=True,
+            prefill_chunk=context,
+            architecture=architecture,
+        )
+    )
 
 
 def plan(request: PlanInput) -> Plan:
