@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -137,3 +138,57 @@ def test_the_command_prints_json_and_one_line_errors() -> None:
     assert bad.stderr.strip().splitlines() == [
         "error: unknown variant fp8 (bf16, q8_0, q4_K_M or custom)"
     ]
+
+
+def test_the_transformers_runtime_adds_its_dense_mask() -> None:
+    from coheara.deploy.plan import DENSE_MASK_BYTES, for_runtime
+
+    request = for_runtime("transformers", context=8192)
+    assert (request.variant, request.kv_type, request.prefill_chunk) == ("bf16", "bf16", 8192)
+    assert request.flash_attention and request.dense_mask
+    # Whole-prompt prefill: float32 working set of 8192 tokens, no scores, the dense mask
+    # (3 bytes a query-key pair) and one row of logits.
+    working = 8192 * (4 * 2560 + 3 * 10240) * 4
+    assert DENSE_MASK_BYTES == 3
+    assert activation_bytes(request) == working + 3 * 8192 * 8192 + 262_208 * 4
+    # Values given win over the runtime's; ollama keeps the llama.cpp defaults.
+    assert for_runtime("transformers", context=8192, prefill_chunk=1024).prefill_chunk == 1024
+    assert for_runtime("ollama") == PlanInput()
+    with pytest.raises(InvalidRequestError):
+        for_runtime("llamafile")  # type: ignore[arg-type]
+
+
+def test_the_command_plans_for_transformers() -> None:
+    result = coheara("plan", "--runtime", "transformers", "--context", "120000", "--json")
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["input"]["variant"] == "bf16" and document["input"]["dense_mask"]
+    # At 120K tokens the mask (40 GiB) outweighs the weights: a site must hear that.
+    assert document["bytes"]["activations"] > 3 * 120000**2
+    assert "GPU 48 GB (L40S, RTX A6000)" not in document["fits"]
+    assert "GPU 80 GB (A100 80 GB, H100)" in document["fits"]
+    bad = coheara("plan", "--runtime", "llamafile")
+    assert bad.returncode != 0 and bad.stderr.strip().startswith("error: unknown runtime")
+
+
+@pytest.mark.parametrize("context", [8, 15, 100, 2000])
+def test_the_kv_cache_matches_the_tensors_transformers_keeps(
+    context: int, tiny_model_dir: Path
+) -> None:
+    """The tiny model (window 16, one sliding and one global layer) prefilled for real: the
+    planner's cache for its architecture is within 10% of the tensors the cache holds
+    (Transformers' sliding layers keep window - 1 tokens, the planner counts the window)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from coheara.deploy.measure import prefill
+    from coheara.deploy.plan import Architecture
+
+    model = transformers.AutoModelForImageTextToText.from_pretrained(
+        tiny_model_dir, dtype=torch.float32
+    )
+    shape = Architecture.of(model.config)
+    assert (shape.text_layers, shape.global_layers, shape.sliding_window) == (2, 1, 16)
+    measured = prefill(model, context)
+    planned = kv_cache_bytes(PlanInput(context=context, kv_type="f32", architecture=shape))
+    assert measured.kv_cache == pytest.approx(planned, rel=0.10)
+    assert measured.peak is None  # CPU: the allocator peak is read on CUDA only

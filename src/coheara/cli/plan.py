@@ -13,7 +13,7 @@ from coheara.deploy.plan import (
     GIB,
     KNOWN_DEVICES,
     Plan,
-    PlanInput,
+    for_runtime,
     largest_context,
     largest_parallel,
     plan,
@@ -21,26 +21,48 @@ from coheara.deploy.plan import (
 
 
 def plan_command(
+    runtime: Annotated[
+        str,
+        typer.Option(
+            help="Whose behaviour to plan for: ollama (llama.cpp) or transformers (measured "
+            "on CUDA); it sets the defaults of the options below."
+        ),
+    ] = "ollama",
     variant: Annotated[
-        str, typer.Option(help="Weights: bf16, q8_0, q4_K_M, or custom (with --weights-gb).")
-    ] = "q4_K_M",
+        str | None,
+        typer.Option(
+            help="Weights: bf16, q8_0, q4_K_M, or custom (with --weights-gb). "
+            "Default: q4_K_M on ollama, bf16 on transformers."
+        ),
+    ] = None,
     weights_gb: Annotated[
         float | None, typer.Option(help="Size of the weights in GB (a custom build).")
     ] = None,
     context: Annotated[int, typer.Option(help="Context window per sequence, tokens.")] = 8192,
     parallel: Annotated[int, typer.Option(help="Sequences served at once.")] = 1,
-    kv_type: Annotated[str, typer.Option(help="KV cache precision: f16, q8_0, q4_0, f32.")] = "f16",
+    kv_type: Annotated[
+        str | None,
+        typer.Option(
+            help="KV cache precision: f16, bf16, q8_0, q4_0, f32 (default: the runtime's)."
+        ),
+    ] = None,
     sliding_window_cache: Annotated[
         bool,
         typer.Option(help="Whether the runtime's cache keeps only 1024 tokens on local layers."),
     ] = True,
     vision: Annotated[bool, typer.Option(help="Count the image encoder's working memory.")] = True,
     flash_attention: Annotated[
-        bool, typer.Option(help="The runtime never materializes attention scores.")
-    ] = False,
+        bool | None,
+        typer.Option(
+            help="The runtime never materializes attention scores (default: the runtime's)."
+        ),
+    ] = None,
     prefill_chunk: Annotated[
-        int, typer.Option(help="Prompt tokens processed at once (Transformers: the prompt).")
-    ] = 512,
+        int | None,
+        typer.Option(
+            help="Prompt tokens processed at once (ollama: 512; transformers: the prompt)."
+        ),
+    ] = None,
     memory_gb: Annotated[
         float | None,
         typer.Option(help="A memory size (GB) to solve for: the largest window and parallelism."),
@@ -48,12 +70,13 @@ def plan_command(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Memory for weights, KV cache, image encoder and activations, and what fits where."""
-    request = PlanInput(
-        variant=variant,  # type: ignore[arg-type]  # checked by PlanInput
+    request = for_runtime(
+        runtime,  # type: ignore[arg-type]  # checked by for_runtime
+        variant=variant,
         weights_gb=weights_gb,
         context=context,
         parallel=parallel,
-        kv_type=kv_type,  # type: ignore[arg-type]
+        kv_type=kv_type,
         sliding_window_cache=sliding_window_cache,
         vision=vision,
         flash_attention=flash_attention,
@@ -85,6 +108,7 @@ def _print(result: Plan, solved: dict[str, int | None]) -> None:
     table = Table(
         title=f"MedGemma 1.5 4B {request.variant}, {request.context} tokens x "
         f"{request.parallel}, KV {request.kv_type} ({cache} cache)"
+        + (", dense mask" if request.dense_mask else "")
     )
     table.add_column("memory")
     table.add_column("size", justify="right")

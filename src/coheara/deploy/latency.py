@@ -19,10 +19,12 @@ import numpy as np
 from coheara import model_facts
 from coheara.engine import Engine
 from coheara.engine.result import GenerationResult
+from coheara.errors import ContextOverflowError
 
 POINT_OF_CARE_S = 3.0
 CHARS_PER_TOKEN = 4.0
-"""For sizing synthetic prompts; each row reports the prompt tokens the backend counted."""
+"""For sizing synthetic prompts where the backend reports no token counts; each row
+reports the prompt tokens the backend counted."""
 _PROSE = (
     "patient reports stable vital signs overnight with adequate oral intake and no new "
     "complaints; medication reconciliation completed; follow-up labs pending review; "
@@ -96,12 +98,12 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
     return {"p50": float(np.percentile(ordered, 50)), "p95": float(np.percentile(ordered, 95))}
 
 
-def synthetic_text(tokens: int) -> str:
+def synthetic_text(tokens: int, chars_per_token: float = CHARS_PER_TOKEN) -> str:
     """About `tokens` tokens of invented ward prose."""
     words: list[str] = []
     length = 0
     for word in itertools.cycle(_PROSE.split(" ")):
-        if length >= tokens * CHARS_PER_TOKEN:
+        if length >= tokens * chars_per_token:
             break
         words.append(word)
         length += len(word) + 1
@@ -127,9 +129,15 @@ async def run(
     scale: float,
     progress: Callable[[Scenario], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Each scenario `warmup` times unmeasured, then `runs` times; one summary each."""
+    """Each scenario `warmup` times unmeasured, then `runs` times; one summary each.
+
+    Prompts are sized in the backend's own tokens: one short call first measures how many
+    characters its tokenizer makes a token (Gemma's about 4, the tiny test tokenizer's
+    about 2), where the backend reports prompt tokens.
+    """
     summaries = []
     window = await engine.context_window()
+    chars_per_token = await _chars_per_token(engine)
     for scenario in scenarios:
         needs = int(scenario.prompt_tokens * scale) + max_tokens
         needs += scenario.images * model_facts.IMAGE_PROMPT_TOKENS
@@ -139,19 +147,33 @@ async def run(
             summaries.append(summary)
             continue
         prompt = (
-            synthetic_text(max(8, int(scenario.prompt_tokens * scale)))
+            synthetic_text(max(8, int(scenario.prompt_tokens * scale)), chars_per_token)
             + "\n\nSummarize the above in one sentence."
         )
         images = [synthetic_image(n) for n in range(scenario.images)]
         row = Row(scenario)
-        for attempt in range(warmup + runs):
-            result = await engine.generate(prompt, images=images, max_tokens=max_tokens)
-            if attempt >= warmup:
-                row.add(result)
-            if progress is not None:
-                progress(scenario)
+        try:
+            for attempt in range(warmup + runs):
+                result = await engine.generate(prompt, images=images, max_tokens=max_tokens)
+                if attempt >= warmup:
+                    row.add(result)
+                if progress is not None:
+                    progress(scenario)
+        except ContextOverflowError as exc:  # the estimate above was short of the truth
+            summary = Row(scenario).summary()
+            summary["skipped"] = str(exc)
+            summaries.append(summary)
+            continue
         summaries.append(row.summary())
     return summaries
+
+
+async def _chars_per_token(engine: Engine) -> float:
+    sample = synthetic_text(400)
+    result = await engine.generate(sample, max_tokens=1)
+    if not result.prompt_tokens:
+        return CHARS_PER_TOKEN
+    return max(1.0, len(sample) / result.prompt_tokens)
 
 
 def chart(summaries: list[dict[str, Any]], path: str, title: str) -> None:

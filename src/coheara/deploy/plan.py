@@ -133,6 +133,8 @@ class PlanInput:
     vision: bool = True
     flash_attention: bool = False
     prefill_chunk: int = 512
+    dense_mask: bool = False
+    """The runtime builds the sliding-window mask as a dense chunk x context tensor."""
     architecture: Architecture = MEDGEMMA_4B
 
     def __post_init__(self) -> None:
@@ -222,33 +224,57 @@ def vision_bytes(plan: PlanInput) -> int:
     return hidden + scores
 
 
+DENSE_MASK_BYTES = 3
+"""A boolean mask and its bfloat16 additive copy (SDPA's kernels take no window), per
+query-key pair: fitted to the measured peaks of `bench/gpu_rows.py` (1K-120K tokens)."""
+
+
 def activation_bytes(plan: PlanInput) -> int:
     """One prefill chunk's float32 working set, its attention scores over the window
-    (without flash attention) and a row of logits per sequence."""
+    (without flash attention), a dense sliding-window mask where the runtime builds one,
+    and a row of logits per sequence."""
     shape = plan.architecture
     chunk = min(plan.prefill_chunk, plan.context)
     working = chunk * (4 * shape.hidden_size + 3 * shape.intermediate_size) * 4
     scores = 0 if plan.flash_attention else chunk * shape.query_heads * plan.context * 4
+    mask = DENSE_MASK_BYTES * chunk * plan.context if plan.dense_mask else 0
     logits = plan.parallel * shape.vocab_size * 4
-    return working + scores + logits
+    return working + scores + mask + logits
+
+
+Runtime = Literal["ollama", "transformers"]
+RUNTIME_DEFAULTS: dict[str, dict[str, Any]] = {
+    # llama.cpp: f16 cache, 512-token micro-batches, scores materialized per chunk.
+    "ollama": {"variant": "q4_K_M", "kv_type": "f16", "flash_attention": False},
+    # Transformers on CUDA, as measured on an H200 (bench/gpu_rows.py): bfloat16 weights and
+    # cache, a sliding-window-aware cache (its sliding layers keep the last window), the
+    # whole prompt prefilled at once, SDPA kernels that never materialize scores, and a
+    # dense sliding-window mask, which dominates beyond about 50K tokens.
+    "transformers": {
+        "variant": "bf16",
+        "kv_type": "bf16",
+        "flash_attention": True,
+        "dense_mask": True,
+    },
+}
+
+
+def for_runtime(runtime: Runtime, **given: Any) -> PlanInput:
+    """A request with the runtime's behaviour; values given (not None) win."""
+    if runtime not in RUNTIME_DEFAULTS:
+        raise InvalidRequestError(f"unknown runtime {runtime}", hint="ollama or transformers")
+    values = {**RUNTIME_DEFAULTS[runtime], **{k: v for k, v in given.items() if v is not None}}
+    if runtime == "transformers" and given.get("prefill_chunk") is None:
+        values["prefill_chunk"] = values.get("context", PlanInput.context)
+    return PlanInput(**values)
 
 
 def transformers_plan(
     context: int, *, vision: bool = False, architecture: Architecture = MEDGEMMA_4B
 ) -> Plan:
-    """What the Transformers backend holds on CUDA for one request: bfloat16 weights and
-    cache, a sliding-window-aware cache (its sliding layers keep the last window), the
-    whole prompt prefilled at once, and SDPA kernels that never materialize scores."""
+    """What the Transformers backend holds on CUDA for one request."""
     return plan(
-        PlanInput(
-            variant="bf16",
-            context=context,
-            kv_type="bf16",
-            vision=vision,
-            flash_attention=True,
-            prefill_chunk=context,
-            architecture=architecture,
-        )
+        for_runtime("transformers", context=context, vision=vision, architecture=architecture)
     )
 
 
