@@ -23,7 +23,8 @@ Messages never contain patient text: they state numbers, model ids and fixes.
     ├── BackendError                  exit 9   502  the runtime failed
     ├── OutputError                   exit 10  422  the model's output was unusable
     │   └── OutputValidationError     exit 10  422  invalid after the repair retries
-    └── AuditIntegrityError           exit 11  500  the audit trail was altered
+    ├── AuditIntegrityError           exit 11  500  the audit trail was altered
+    └── EvaluationRegressionError     exit 13  -    `coheara eval --gate`: a metric dropped
 """
 
 from __future__ import annotations
@@ -165,3 +166,10 @@ class AuditIntegrityError(CohearaError):
 
     exit_code = 11
     code = "audit_integrity"
+
+
+class EvaluationRegressionError(CohearaError):
+    """`coheara eval --gate`: a metric fell below the baseline beyond its tolerance."""
+
+    exit_code = 13
+    code = "evaluation_regression"

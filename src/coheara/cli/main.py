@@ -10,6 +10,7 @@ from coheara.cli.bench import bench
 from coheara.cli.common import err_console, report
 from coheara.cli.dev import dev_app
 from coheara.cli.doctor import doctor
+from coheara.cli.eval import eval_command
 from coheara.cli.image import image_app
 from coheara.cli.keys import keys_app
 from coheara.cli.model import model_app
@@ -32,6 +33,7 @@ app.command()(selftest)
 app.command()(doctor)
 app.command("plan")(plan_command)
 app.command()(bench)
+app.command("eval")(eval_command)
 app.command()(tasks)
 app.command()(run)
 app.add_typer(dev_app, name="dev")

@@ -53,11 +53,13 @@ def prefill(
     images = 0
     kwargs: dict[str, Any] = {}
     if pixel_values is not None:
+        if image_token is None:
+            raise ValueError("pixel_values need the model's image_token id")
         images = int(pixel_values.shape[0])
         per_image = model.config.mm_tokens_per_image
         ids[0, : images * per_image] = image_token
         kwargs["pixel_values"] = pixel_values.to(device, model.dtype)
-        kwargs["token_type_ids"] = (ids == image_token).long().to(device)
+        kwargs["token_type_ids"] = torch.eq(ids, image_token).long().to(device)
     ids = ids.to(device)
     cuda = device.type == "cuda"
     if cuda:

@@ -1,0 +1,252 @@
+"""`coheara eval` end to end over a loopback Ollama fake that answers each case with a
+scripted draft: scores, the report, resume after a killed run, compare and the gate."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cli_support import in_process
+from coheara import Engine, Settings, model_facts
+from coheara.evaluation import gold as goldsets
+from coheara.evaluation import report as reporting
+from coheara.evaluation.runner import BASE, RESULTS, read_records, run
+from coheara.tasks import get_task
+from coheara.tasks.sources import Sources
+from fakes import FakeOllama, OllamaModel
+from servers import serve
+
+LAB = get_task("EXT-LAB")
+REPORTS = {
+    "lab-1": "Specimen LAB-ONE\nSodium | 138 | mmol/L\nPotassium | 5.9 | mmol/L",
+    "lab-2": "Specimen LAB-TWO\nGlucose | 6.10 | mmol/L\nCreatinine | 168 | umol/L",
+    "lab-3": "Specimen LAB-THREE\nHemoglobin | 102 | g/L\nPlatelets | 245 | x10^9/L",
+}
+GOLD = {
+    "lab-1": {"Sodium": "138 mmol/L", "Potassium": "5.9 mmol/L"},
+    "lab-2": {"Glucose": "6.1 mmol/L", "Creatinine": "168 umol/L"},  # 6.10 written as 6.1
+    "lab-3": {"Hemoglobin": "102 g/L", "Platelets": "245 x10^9/L"},
+}
+
+
+def draft_for(case: str, *, drop: str | None = None) -> dict[str, Any]:
+    """The accepted draft: each result line cited by its own source id and quoted."""
+    data = LAB.input_model.model_validate({"report": REPORTS[case]})
+    sources = Sources.from_input(data, skip=LAB.sources_skip)
+    results = []
+    for item in sources.items:
+        parts = [p.strip() for p in item.text.split("|")]
+        if len(parts) != 3 or parts[0] == drop:
+            continue
+        results.append(
+            {
+                "sources": [item.id],
+                "quote": item.text,
+                "test": parts[0],
+                "value": parts[1],
+                "unit": parts[2],
+            }
+        )
+    return {"results": results}
+
+
+def write_gold(folder: Path, *, refusal: bool = True) -> Path:
+    lines = [
+        {
+            "id": case,
+            "task": "EXT-LAB",
+            "tags": {"sex": "female" if case != "lab-2" else "male"},
+            "request": {"input": {"report": REPORTS[case]}},
+            "expected": {"fields": GOLD[case], "draft": draft_for(case)},
+        }
+        for case in REPORTS
+    ]
+    if refusal:  # SLM-05 refuses any language but English, before the model is called
+        lines.append(
+            {
+                "id": "plain-fr",
+                "task": "SLM-05",
+                "tags": {"sex": "male"},
+                "request": {"input": {"text": "Take one tablet daily.", "target_language": "fr"}},
+                "expected": {"refuse": True},
+            }
+        )
+    path = folder / "gold.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+class Scripted:
+    """Answers each case's prompt with its draft; `drop` removes one test from a case."""
+
+    def __init__(self) -> None:
+        self.drop: dict[str, str] = {}
+        self.fake = FakeOllama({model_facts.DEFAULT_OLLAMA_MODEL: OllamaModel()})
+        self.fake.reply = self.reply
+
+    def reply(self, body: dict[str, Any]) -> str:
+        prompt = json.dumps(body["messages"])
+        for case in REPORTS:
+            if _marker(case) in prompt:
+                return json.dumps(draft_for(case, drop=self.drop.get(case)))
+        return "{}"
+
+
+def _marker(case: str) -> str:
+    return REPORTS[case].splitlines()[0]
+
+
+@pytest.fixture
+def scripted() -> Iterator[tuple[Scripted, str]]:
+    script = Scripted()
+    with serve(script.fake.app) as url:
+        yield script, url
+
+
+def engine_for(url: str) -> Engine:
+    return Engine.from_config(settings=Settings(backend="ollama"), url=url)
+
+
+def evaluate(url: str, gold: Path, out: Path, **kwargs: Any) -> list[dict[str, Any]]:
+    async def go() -> list[dict[str, Any]]:
+        async with engine_for(url) as engine:
+            return await run(engine, [goldsets.load(gold)], [BASE], out, **kwargs)
+
+    return asyncio.run(go())
+
+
+def test_a_run_scores_each_case_and_writes_a_private_report(
+    scripted: tuple[Scripted, str], tmp_path: Path
+) -> None:
+    _, url = scripted
+    gold, out = write_gold(tmp_path), tmp_path / "run"
+    records = evaluate(url, gold, out)
+    by_case = {r["case"]: r for r in records}
+    assert [r["status"] for r in records] == ["ok", "ok", "ok", "refused"]
+    for case in REPORTS:  # the scripted drafts are the gold: every field right
+        assert by_case[case]["quality"]["values"]["fields_f1"] == 1.0
+        assert by_case[case]["compliance"]["schema_valid"] == 1
+        assert by_case[case]["compliance"]["verified_share"] == 1.0
+    refusal = by_case["plain-fr"]
+    assert refusal["error"]["code"] == "invalid_request" and refusal["response"] is None
+    assert refusal["compliance"]["refusal_correct"] == 1
+
+    report = reporting.write(out)
+    lab = report["summary"]["base"]["EXT-LAB"]
+    assert lab["fields_micro_f1"] == 1.0 and lab["cases"] == 3
+    assert report["summary"]["base"]["SLM-05"]["refusal_correct"] == 1.0
+    strata = report["summary"]["strata"]["sex"]["base"]
+    assert strata["male"]["cases"] == 2 and strata["female"]["cases"] == 2
+    page = (out / reporting.REPORT_HTML).read_text()
+    assert "EXT-LAB" in page and "<table>" in page
+    # Aggregates only: no report text, no draft, in the report files.
+    for text in ("Potassium", "LAB-ONE", "mmol/L"):
+        assert text not in page and text not in (out / reporting.REPORT_JSON).read_text()
+    for path in out.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+
+
+def test_a_killed_run_resumes_with_nothing_lost_and_nothing_twice(
+    scripted: tuple[Scripted, str], tmp_path: Path
+) -> None:
+    script, url = scripted
+    gold, out = write_gold(tmp_path), tmp_path / "run"
+    seen: list[str] = []
+
+    def die_after_two(job: Any, record: dict[str, Any] | None) -> None:
+        seen.append(job.case.id)
+        if len(seen) == 2:
+            raise KeyboardInterrupt  # the operator's Ctrl-C, between two cases
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(url, gold, out, progress=die_after_two)
+    assert [r["case"] for r in read_records(out)] == ["lab-1", "lab-2"]
+    with (out / RESULTS).open("a") as handle:  # a kill in the middle of a write
+        handle.write('{"case": "lab-3", "variant": "base", "sta')
+    calls_before = len(script.fake.chat_bodies)
+
+    records = evaluate(url, gold, out)
+    assert [r["case"] for r in records] == ["lab-1", "lab-2", "lab-3", "plain-fr"]
+    assert len(script.fake.chat_bodies) == calls_before + 1  # only lab-3 went to the model
+    lines = (out / RESULTS).read_text().splitlines()
+    assert len(lines) == 4 and all(json.loads(line) for line in lines)
+    # A third run has nothing left to do.
+    assert len(evaluate(url, gold, out)) == 4 and len(script.fake.chat_bodies) == calls_before + 1
+
+
+def test_the_gate_fails_on_a_planted_regression_and_compare_says_what_moved(
+    scripted: tuple[Scripted, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    script, url = scripted
+    cli: Callable[..., Any] = in_process(monkeypatch, capsys)
+    gold = write_gold(tmp_path, refusal=False)
+    backend = ["--backend", "ollama", "--url", url]
+    baseline = cli("eval", str(gold), "--out", str(tmp_path / "baseline"), *backend)
+    assert baseline.returncode == 0, baseline.stderr
+    assert "Fields micro F1" in baseline.stdout or "fields_micro_f1" in baseline.stdout
+
+    script.drop = {"lab-2": "Creatinine"}  # the "new prompt" loses one result
+    current = tmp_path / "current"
+    gated = cli(
+        "eval", str(gold), "--out", str(current), *backend, "--gate", str(tmp_path / "baseline")
+    )
+    assert gated.returncode == 13, gated.stderr
+    error_lines = [line for line in gated.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "dropped beyond the tolerance" in error_lines[0]
+    assert "Traceback" not in gated.stderr
+    # The same runs with a tolerance wider than the drop pass (the run is reused, not redone).
+    calls = len(script.fake.chat_bodies)
+    loose = cli(
+        "eval",
+        str(gold),
+        "--out",
+        str(current),
+        *backend,
+        "--gate",
+        str(tmp_path / "baseline"),
+        "--tolerance",
+        "0.5",
+    )
+    assert loose.returncode == 0, loose.stderr
+    assert len(script.fake.chat_bodies) == calls
+
+    compared = cli("eval", "--compare", str(tmp_path / "baseline"), str(current))
+    assert compared.returncode == 0, compared.stderr
+    assert "worse" in compared.stdout and "EXT-LAB" in compared.stdout
+
+
+def test_a_folder_of_another_run_and_a_bad_gold_set_are_one_line_errors(
+    scripted: tuple[Scripted, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _, url = scripted
+    cli = in_process(monkeypatch, capsys)
+    backend = ["--backend", "ollama", "--url", url]
+    out = tmp_path / "run"
+    first = write_gold(tmp_path, refusal=False)
+    assert cli("eval", str(first), "--out", str(out), *backend).returncode == 0
+    other = tmp_path / "other.jsonl"
+    other.write_text(first.read_text().replace("lab-1", "lab-9"))
+    mixed = cli("eval", str(other), "--out", str(out), *backend)
+    assert mixed.returncode == 4 and "holds another run" in mixed.stderr
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(first.read_text().splitlines()[0] + "\n{not json\n")
+    bad = cli("eval", str(broken), "--out", str(tmp_path / "b"), *backend)
+    assert bad.returncode == 4
+    assert bad.stderr.strip().splitlines() == [
+        "error: broken.jsonl line 2: not JSON (Expecting property name enclosed in double "
+        "quotes at column 2)"
+    ]
