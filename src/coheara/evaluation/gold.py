@@ -141,7 +141,13 @@ def load(path: str | Path) -> GoldSet:
         if case.id in seen:
             raise InvalidRequestError(f"{file.name} line {number}: case id {case.id} repeated")
         seen.add(case.id)
-        case.task = get_task(case.task).id  # an unknown task fails here, by line
+        try:
+            case.task = get_task(case.task).id
+        except InvalidRequestError:
+            raise InvalidRequestError(
+                f"{file.name} line {number}: unknown task '{case.task[:32]}'",
+                hint="coheara tasks lists them",
+            ) from None
         cases.append(case)
         if len(cases) > MAX_CASES:
             raise InvalidRequestError(f"{file.name}: more than {MAX_CASES} cases")
