@@ -250,3 +250,43 @@ def test_a_folder_of_another_run_and_a_bad_gold_set_are_one_line_errors(
         "error: broken.jsonl line 2: not JSON (Expecting property name enclosed in double "
         "quotes at column 2)"
     ]
+
+
+def test_the_shipped_gold_sets_run_on_the_in_process_model(
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The Transformers path with shipped sets, an image task included: the random model's
+    drafts score low, but every case ends in a record and the manifest pins the prompts."""
+    monkeypatch.setenv("COHEARA_MAX_OUTPUT_TOKENS", "16")
+    cli = in_process(monkeypatch, capsys)
+    out = tmp_path / "run"
+    ran = cli(
+        "eval",
+        "--task",
+        "EXT-LAB",
+        "--task",
+        "img-cxr",
+        "--limit",
+        "1",
+        "--backend",
+        "transformers",
+        "--model",
+        str(tiny_model_dir),
+        "--out",
+        str(out),
+    )
+    assert ran.returncode == 0, ran.stderr
+    records = read_records(out)
+    assert [(r["task"], r["variant"]) for r in records] == [
+        ("EXT-LAB", "base"),
+        ("IMG-CXR", "base"),
+    ]
+    assert all(r["status"] in ("ok", "error") for r in records)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["backend"] == "transformers"
+    assert manifest["prompts"]["IMG-CXR"]["prompt_hash"] == get_task("IMG-CXR").prompt_hash
+    assert {g["file"] for g in manifest["gold_sets"]} == {"ext-lab.jsonl", "img-cxr.jsonl"}
+    assert "IMG-CXR" in (out / reporting.REPORT_HTML).read_text()

@@ -63,6 +63,10 @@ def default_keys_path() -> Path:
     return data_dir() / "keys.json"
 
 
+def default_adapters_dir() -> Path:
+    return data_dir() / "adapters"
+
+
 CommaList = Annotated[list[str], NoDecode]
 """A list setting: a TOML array, or in the environment a comma-separated string."""
 
@@ -148,6 +152,11 @@ class Settings(BaseSettings):
         default_factory=default_keys_path,
         description="The API keys (salted hashes only), managed by `coheara keys`. With at "
         "least one active key every API route needs one; with none, `serve` binds loopback only.",
+    )
+    adapters_dir: Path = Field(
+        default_factory=default_adapters_dir,
+        description="The LoRA adapters `coheara finetune` trains (one folder each) and their "
+        "registry (registry.json), which the Transformers backend loads adapters from.",
     )
     allowed_backend_hosts: CommaList = Field(
         default_factory=list,

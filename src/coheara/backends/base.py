@@ -15,6 +15,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from coheara.errors import UnsupportedCapabilityError
 from coheara.imaging import PreparedImage
 
 Role = Literal["user", "assistant"]
@@ -73,6 +74,9 @@ class GenerationOptions:
     top_k: int | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    adapter: str | None = None
+    """A registered LoRA adapter (`coheara adapters list`) to generate with; None: the base
+    model. Only the in-process Transformers backend applies one; the others refuse it."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,23 @@ class ChatRequest:
     @property
     def images(self) -> tuple[PreparedImage, ...]:
         return tuple(image for message in self.messages for image in message.images)
+
+
+REMOTE_ADAPTER_HINT = (
+    "only the transformers backend applies a registered adapter per request; vLLM serves an "
+    "exported LoRA adapter under its own model name: `coheara adapters export NAME --format "
+    "vllm --out DIR`, start vLLM with --enable-lora --lora-modules NAME=DIR, and use NAME as "
+    "the model (COHEARA_OPENAI_MODEL)"
+)
+
+
+def refuse_adapter(request: ChatRequest, backend: str) -> None:
+    """A remote runtime cannot switch LoRA adapters per request: refuse, never ignore."""
+    if request.options.adapter is not None:
+        raise UnsupportedCapabilityError(
+            f"the {backend} backend cannot apply adapter {request.options.adapter!r} per request",
+            hint=REMOTE_ADAPTER_HINT,
+        )
 
 
 FinishReason = Literal["stop", "length", "cancelled", "degenerate"]

@@ -30,6 +30,7 @@ from coheara.backends.base import (
     FinishReason,
     Health,
     StreamEvent,
+    refuse_adapter,
 )
 from coheara.backends.remote_errors import (
     HEALTH_TIMEOUT_S,
@@ -131,6 +132,7 @@ class OllamaBackend(Backend):
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamEvent, None]:
         """Deltas from `message.content`, then one closing event with Ollama's counts."""
+        refuse_adapter(request, self.name)
         # PNG-encoding 896x896 images takes tens of milliseconds each: off the event loop.
         payload = await asyncio.to_thread(self.payload, request)
         parts: AsyncIterator[ChatResponse] | None = None

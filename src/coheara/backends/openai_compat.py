@@ -25,6 +25,7 @@ from coheara.backends.base import (
     FinishReason,
     Health,
     StreamEvent,
+    refuse_adapter,
 )
 from coheara.backends.remote_errors import (
     HEALTH_TIMEOUT_S,
@@ -162,6 +163,7 @@ class OpenAIBackend(Backend):
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamEvent, None]:
         """Deltas, then one closing event with the usage the server reports (None if none)."""
+        refuse_adapter(request, self.name)
         # PNG-encoding 896x896 images takes tens of milliseconds each: off the event loop.
         arguments = await asyncio.to_thread(self.arguments, request)
         stream: Any = None

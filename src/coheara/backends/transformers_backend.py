@@ -10,6 +10,12 @@ away.
 Structured output is constrained token by token with xgrammar, so even random
 weights produce schema-valid JSON.
 
+LoRA adapters: a request naming a registered adapter (`GenerationOptions.adapter`, see
+`coheara.finetune.adapters`) runs with it. Adapters load onto the one base model with
+PEFT, several side by side, on first use; each generation activates its own (or disables
+them all for the base). The one worker thread makes the switch safe: no generation runs
+while another changes the active adapter.
+
 dtype: bfloat16 on CUDA, float32 (or bfloat16 when asked) on CPU, never
 float16: Gemma 3 gives empty or NaN output in float16.
 """
@@ -22,6 +28,7 @@ import copy
 import json
 import re
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -272,6 +279,7 @@ class TransformersBackend(Backend):
         device: str = "auto",
         dtype: str = "auto",
         allow_download: bool = False,
+        adapters_dir: str | Path | None = None,
     ) -> None:
         self.model = str(model_path)
         self._dtype_name = _resolve_dtype_name(dtype)
@@ -290,6 +298,13 @@ class TransformersBackend(Backend):
         self._control_ban: _ControlCharBan | None = None
         self._grammars: OrderedDict[str, Any] = OrderedDict()
         self._capabilities: Capabilities | None = None
+        self._adapters_dir = Path(adapters_dir) if adapters_dir is not None else None
+        """The adapter registry's folder; None: the configured one (COHEARA_ADAPTERS_DIR)."""
+        self._loaded_adapters: dict[str, str] = {}
+        """Adapter name -> the registry stamp of what was loaded under it."""
+        self._fingerprint: str | None = None
+        self._peft: Any = None
+        """The PEFT wrapper once an adapter is loaded; its LoRA layers live in the base model."""
 
     @classmethod
     def from_loaded(cls, name: str, model: Any, processor: Any) -> TransformersBackend:
@@ -303,7 +318,11 @@ class TransformersBackend(Backend):
         backend._counter = copy.deepcopy(processor.tokenizer)
         backend._processor = processor
         backend._hf_model = model.eval()
+        backend._in_memory = True
         return backend
+
+    _in_memory = False
+    """Built over a model in memory: no folder, hence no fingerprint to check adapters by."""
 
     # ----- loading ----------------------------------------------------------------------
 
@@ -467,6 +486,21 @@ class TransformersBackend(Backend):
             ) from None
         return str(text)
 
+    def render_prompt(self, request: ChatRequest) -> str:
+        """The prompt text exactly as generation feeds it to the processor (fine-tuning
+        renders its training prompts with this, so training and inference match)."""
+        return self._render(request)
+
+    def prompt_token_ids(self, request: ChatRequest) -> list[int]:
+        """The prompt's token ids as generation feeds them to the model (images expanded)."""
+        self._ensure_processor()
+        return [int(i) for i in self._encode(request)["input_ids"][0].tolist()]
+
+    @property
+    def tokenizer(self) -> Any:
+        """The processor's tokenizer (loading the processor, never the weights)."""
+        return self._ensure_processor().tokenizer
+
     def _image_token(self) -> str:
         processor = self._ensure_processor()
         return str(getattr(processor, "image_token", None) or processor.tokenizer.boi_token)
@@ -487,6 +521,15 @@ class TransformersBackend(Backend):
         return len(self._counter(expanded, add_special_tokens=False)["input_ids"])
 
     def _inputs(self, request: ChatRequest) -> Any:
+        inputs = self._encode(request)
+        model = self._hf_model
+        inputs = inputs.to(model.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        return inputs
+
+    def _encode(self, request: ChatRequest) -> Any:
+        """The processor's tensors for the request, on the CPU."""
         text = self._render(request)
         processor = self._processor
         images = [image.to_pil() for image in request.images]
@@ -498,12 +541,96 @@ class TransformersBackend(Backend):
         if images:
             kwargs["images"] = [images]
             kwargs["do_pan_and_scan"] = False
-        inputs = processor(**kwargs)
-        model = self._hf_model
-        inputs = inputs.to(model.device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-        return inputs
+        return processor(**kwargs)
+
+    # ----- adapters ---------------------------------------------------------------------
+
+    def _adapter_registry(self) -> Any:
+        from coheara.finetune.adapters import AdapterRegistry
+
+        folder = self._adapters_dir
+        if folder is None:
+            from coheara.settings import load_settings
+
+            folder = load_settings().adapters_dir
+        return AdapterRegistry(folder)
+
+    def _base_fingerprint(self) -> str:
+        if self._fingerprint is None:
+            from coheara.finetune.adapters import base_fingerprint, model_folder
+
+            folder = None if self._in_memory else model_folder(self.model)
+            if folder is None:
+                raise ConfigurationError(
+                    f"adapters need a base model loaded from a folder; {self.model} is not one",
+                    hint="point the Transformers backend at the base model's weights folder",
+                )
+            self._fingerprint = base_fingerprint(folder)
+        return self._fingerprint
+
+    def _adapter_record(self, name: str) -> Any:
+        """The registered adapter `name`, checked against this backend's base model."""
+        record = self._adapter_registry().get(name)
+        if record.base_fingerprint != self._base_fingerprint():
+            raise ConfigurationError(
+                f"adapter {record.name!r} was trained on another base model ({record.base_model})"
+                f" than this backend's ({self.model})",
+                hint="serve it on the base it was trained on, or train it again on this model",
+            )
+        if not (Path(record.path) / "adapter_config.json").is_file():
+            raise ConfigurationError(
+                f"adapter {record.name!r}: its folder {record.path} has no adapter_config.json",
+                hint="restore the folder, or remove the adapter (coheara adapters remove)",
+            )
+        return record
+
+    def _adapter_scope(
+        self, model: Any, name: str | None
+    ) -> contextlib.AbstractContextManager[Any]:
+        """On the worker thread: make `name` the active adapter for one generation, or run
+        the base with every adapter disabled (None)."""
+        if name is None:
+            return (
+                self._peft.disable_adapter() if self._peft is not None else contextlib.nullcontext()
+            )
+        record = self._adapter_record(name)
+        stamp = f"{record.created}|{record.path}"
+        if self._loaded_adapters.get(record.name) != stamp:
+            self._load_adapter(model, record)
+            self._loaded_adapters[record.name] = stamp
+        self._peft.set_adapter(record.name)
+        return contextlib.nullcontext()
+
+    def _load_adapter(self, model: Any, record: Any) -> None:
+        """Inject the adapter's LoRA layers into the base model, beside any others."""
+        try:
+            from peft import PeftModel
+        except ImportError:
+            raise ConfigurationError(
+                "adapters need peft", hint="pip install 'coheara[finetune]'"
+            ) from None
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            if record.name in self._loaded_adapters:  # re-registered under the same name
+                self._peft.delete_adapter(record.name)
+                del self._loaded_adapters[record.name]
+            if self._peft is None:
+                with warnings.catch_warnings():  # PEFT asks transformers 5 a deprecated name
+                    warnings.simplefilter("ignore", FutureWarning)
+                    self._peft = PeftModel.from_pretrained(
+                        model, record.path, adapter_name=record.name, is_trainable=False
+                    )
+            else:
+                self._peft.load_adapter(record.path, adapter_name=record.name, is_trainable=False)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+            raise ConfigurationError(
+                f"cannot load adapter {record.name!r}: {type(exc).__name__}: {str(exc)[:200]}",
+                hint="check its folder, or train it again",
+            ) from None
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
 
     # ----- structured output ------------------------------------------------------------
 
@@ -592,6 +719,7 @@ class TransformersBackend(Backend):
 
     def _generate_unsafe(self, request: ChatRequest, job: _Job, grammar: Any) -> None:
         model = self._ensure_model()
+        adapter = self._adapter_scope(model, request.options.adapter)
         inputs = self._inputs(request)
         prompt_tokens = int(inputs["input_ids"].shape[1])
         options = request.options
@@ -640,6 +768,7 @@ class TransformersBackend(Backend):
 
         streamer = _DeltaStreamer(decode, job, options.stop)
         with contextlib.ExitStack() as stack:
+            stack.enter_context(adapter)
             stack.enter_context(torch.inference_mode())
             if sampling and options.seed is not None:
                 devices = [model.device] if model.device.type == "cuda" else []
@@ -674,6 +803,8 @@ class TransformersBackend(Backend):
         """Text deltas, then one `done` event; closing the generator stops the generation."""
         loop = asyncio.get_running_loop()
         await asyncio.to_thread(self._ensure_processor)
+        if request.options.adapter is not None:  # an unknown or foreign adapter fails now
+            await asyncio.to_thread(self._adapter_record, request.options.adapter)
         grammar = None
         if request.json_schema is not None:
             grammar = await asyncio.to_thread(self._grammar, request.json_schema)
@@ -773,6 +904,8 @@ class TransformersBackend(Backend):
                 self._hf_model is not None and self._device and self._device.startswith("cuda")
             )
             self._hf_model = None
+            self._loaded_adapters.clear()
+            self._peft = None
             self._grammars.clear()
         if had_cuda:
             torch.cuda.empty_cache()

@@ -140,6 +140,12 @@ def _run(
     if not variants:
         raise InvalidRequestError("nothing to run: --no-base needs at least one --adapter")
     settings = settings_for(backend)
+    if adapters:
+        from coheara.finetune.adapters import AdapterRegistry
+
+        registry = AdapterRegistry(settings.adapters_dir)
+        for name in adapters:
+            registry.get(name)  # an unknown name stops here, not as a refusal per case
     engine = Engine.from_config(model=model, url=url, settings=settings)
     total = sum(len(g.cases) for g in golds) * len(variants)
 
@@ -171,17 +177,18 @@ def _value(value: float | None) -> str:
 
 def _print_summary(report: dict[str, Any]) -> None:
     from coheara.evaluation.aggregate import METRICS
-    from coheara.evaluation.report import by_task
+    from coheara.evaluation.report import SUMMARY, by_task, ordered
 
     variants = by_task(report)
     tasks = sorted({t for per_task in variants.values() for t in per_task})
-    table = Table(title=f"evaluation {report['run']}")
+    table = Table(title=f"evaluation {report['run']} (every metric: report.html)")
     table.add_column("task")
     table.add_column("metric")
     for variant in variants:
         table.add_column(escape(variant), justify="right")
     for task in tasks:
-        names = sorted({m for v in variants.values() for m in v.get(task, {})})
+        present = {m for v in variants.values() for m in v.get(task, {})}
+        names = [name for name in ordered(present) if name in SUMMARY]
         for index, name in enumerate(names):
             label = METRICS[name].label if name in METRICS else name
             cells = [_value(variants[v].get(task, {}).get(name)) for v in variants]

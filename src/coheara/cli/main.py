@@ -11,6 +11,7 @@ from coheara.cli.common import err_console, report
 from coheara.cli.dev import dev_app
 from coheara.cli.doctor import doctor
 from coheara.cli.eval import eval_command
+from coheara.cli.finetune import adapters_app, finetune_command
 from coheara.cli.image import image_app
 from coheara.cli.keys import keys_app
 from coheara.cli.model import model_app
@@ -34,6 +35,7 @@ app.command()(doctor)
 app.command("plan")(plan_command)
 app.command()(bench)
 app.command("eval")(eval_command)
+app.command("finetune")(finetune_command)
 app.command()(tasks)
 app.command()(run)
 app.add_typer(dev_app, name="dev")
@@ -41,6 +43,7 @@ app.add_typer(image_app, name="image")
 app.add_typer(audit_app, name="audit")
 app.add_typer(model_app, name="model")
 app.add_typer(keys_app, name="keys")
+app.add_typer(adapters_app, name="adapters")
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
 HEADLINE = (
     "fields_micro_f1",
+    "fields_macro_f1",
     "codes_micro_f1",
     "rouge_l",
     "section_completeness",
@@ -29,7 +30,15 @@ HEADLINE = (
     "schema_valid",
     "within_target",
 )
-"""Charted when present: one bar group a task, one bar a variant."""
+"""Charted when present (one bar group a task, one bar a variant), and what the command
+line prints; the HTML page has every metric."""
+SUMMARY = ("cases", "error_rate", *HEADLINE, "unverified_per_100", "total_s_p50", "ttft_s_p50")
+
+
+def ordered(names: set[str] | list[str]) -> list[str]:
+    """In the registry's order (quality, then compliance, then latency), unknown ones last."""
+    order = {name: index for index, name in enumerate(aggregate.METRICS)}
+    return sorted(names, key=lambda name: (order.get(name, len(order)), name))
 
 
 def build(folder: Path) -> dict[str, Any]:
@@ -98,7 +107,7 @@ def _label(name: str) -> str:
 
 
 def _table(rows: dict[str, dict[str, float | None]], columns: list[str]) -> str:
-    names = sorted({m for column in columns for m in rows.get(column, {})})
+    names = ordered({m for column in columns for m in rows.get(column, {})})
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = []
     for name in names:

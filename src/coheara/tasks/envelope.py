@@ -64,6 +64,14 @@ class TaskRequest(BaseModel):
     context: ArtifactContext | None = None
     fhir: bool = Field(False, description="Also return the draft as FHIR R5 resources.")
     max_tokens: int | None = Field(None, ge=1, le=8192)
+    adapter: str | None = Field(
+        None,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]*$",
+        description="A registered LoRA adapter (`coheara adapters list`) trained for this "
+        "task, applied to this request only; the Transformers backend only (vLLM serves an "
+        "exported adapter under its own model name instead). Absent: the base model.",
+    )
 
 
 class Finding(BaseModel):
@@ -121,6 +129,7 @@ class TaskMetadata(BaseModel):
     )
     model: str
     backend: str
+    adapter: str | None = Field(None, description="The LoRA adapter the draft was made with.")
     strategy: str = Field(description="whole, repaired or field_by_field (see ExtractionResult).")
     revisions: int = Field(0, description="Bounded re-asks a task made (e.g. reading grade).")
     processing_ms: float

@@ -94,8 +94,12 @@ async def run_task(
     text = user_text(spec, data, request, sources)
     prepared = await asyncio.to_thread(_images, spec, request, images, engine)
     messages = _messages(prepared, text)
+    if request.adapter is not None:
+        _check_adapter_task(engine, spec, request.adapter)
     options = GenerationOptions(
-        max_tokens=request.max_tokens or spec.max_tokens, temperature=spec.temperature
+        max_tokens=request.max_tokens or spec.max_tokens,
+        temperature=spec.temperature,
+        adapter=request.adapter,
     )
 
     # Over HTTP the call already carries the X-Request-ID (logs and audit join on it); the
@@ -136,6 +140,7 @@ async def run_task(
             prompt_hash=spec.prompt_hash,
             model=result.model,
             backend=result.backend,
+            adapter=request.adapter,
             strategy=result.strategy,
             revisions=revisions,
             processing_ms=round(elapsed_ms, 1),
@@ -240,6 +245,19 @@ def _add_usage(before: ExtractionResult, after: ExtractionResult) -> ExtractionR
             "time_to_first_token_s": before.time_to_first_token_s,
         }
     )
+
+
+def _check_adapter_task(engine: Engine, spec: TaskSpec, name: str) -> None:
+    """An adapter learned one task's prompt and schema: refuse it for another task. A name
+    the registry lacks is left to the backend (unknown there, or refused by a remote one)."""
+    from coheara.finetune.adapters import AdapterRegistry
+
+    record = AdapterRegistry(engine.settings.adapters_dir).find(name)
+    if record is not None and record.task != spec.id:
+        raise InvalidRequestError(
+            f"adapter {name!r} was trained for {record.task}, not {spec.id}",
+            hint=f"use an adapter trained for {spec.id} (coheara adapters list), or none",
+        )
 
 
 def _images(

@@ -1,0 +1,11 @@
+"""LoRA and QLoRA fine-tuning of one task (role) at a time, and the adapters it makes.
+
+    data.py      gold-set cases -> tokenized examples, prompt rendered as at inference,
+                 loss on the answer only
+    train.py     PEFT LoRA (QLoRA on CUDA) with TRL's SFTTrainer; the loss history
+    adapters.py  the registry: one record an adapter (task, base fingerprint, data hash,
+                 LoRA settings, loss, eval metrics); no heavy imports, the backend reads it
+    export.py    a vLLM LoRA folder, or a merged checkpoint (for Ollama)
+
+Only `adapters` imports without the `finetune` extra (peft, trl, datasets, accelerate).
+"""
