@@ -290,3 +290,44 @@ def test_the_shipped_gold_sets_run_on_the_in_process_model(
     assert manifest["prompts"]["IMG-CXR"]["prompt_hash"] == get_task("IMG-CXR").prompt_hash
     assert {g["file"] for g in manifest["gold_sets"]} == {"ext-lab.jsonl", "img-cxr.jsonl"}
     assert "IMG-CXR" in (out / reporting.REPORT_HTML).read_text()
+
+
+def test_a_run_killed_with_sigkill_mid_call_loses_nothing(
+    scripted: tuple[Scripted, str], tmp_path: Path
+) -> None:
+    """`coheara eval` in its own process, killed (SIGKILL) while a case is at the model:
+    the rerun keeps what was written, redoes the case that was cut, counts each case once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script, url = scripted
+    script.fake.first_token_delay_s = 0.4
+    gold, out = write_gold(tmp_path, refusal=False), tmp_path / "run"
+    command = [sys.executable, "-m", "coheara.cli.main", "eval", str(gold), "--out", str(out)]
+    command += ["--backend", "ollama", "--url", url]
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            results = out / RESULTS
+            if results.exists() and results.read_text().count("\n") >= 1:
+                break
+            time.sleep(0.02)
+        time.sleep(0.1)  # the next case is now waiting on the model
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL
+    kept = [r["case"] for r in read_records(out)]
+    assert 1 <= len(kept) < 3
+
+    script.fake.first_token_delay_s = 0.0
+    records = evaluate(url, gold, out)
+    assert sorted(r["case"] for r in records) == ["lab-1", "lab-2", "lab-3"]
+    assert [r["case"] for r in records][: len(kept)] == kept
+    assert len((out / RESULTS).read_text().splitlines()) == 3

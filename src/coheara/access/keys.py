@@ -28,8 +28,7 @@ import json
 import os
 import re
 import secrets
-import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +36,7 @@ from typing import Any
 
 from coheara.audit.digest import _check_private
 from coheara.errors import ConfigurationError, InvalidRequestError
+from coheara.private_files import exclusive, write_atomic
 
 ENDPOINTS = ("native", "tasks", "openai", "ollama", "metrics")
 """What a key may be allowed to call: the three dialects, the tasks, and /metrics."""
@@ -293,48 +293,15 @@ class KeyStore:
 
     def _write(self, records: list[KeyRecord]) -> None:
         document = {"format": FORMAT, "keys": [r.stored() for r in records]}
-        data = json.dumps(document, indent=2).encode("utf-8") + b"\n"
-        fd, temp = tempfile.mkstemp(dir=self.path.parent, prefix=".keys-", suffix=".tmp")
-        try:  # mkstemp creates the file 0600: the hashes are never readable by others
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
-            raise
-        with contextlib.suppress(OSError):  # the rename itself survives a crash
-            folder = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(folder)
-            finally:
-                os.close(folder)
+        write_atomic(self.path, json.dumps(document, indent=2).encode("utf-8") + b"\n")
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
         """One writer at a time (two `coheara keys create` must not lose one another)."""
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(
-                self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600
-            )
-        except OSError as exc:
-            raise ConfigurationError(
-                f"cannot write the key store {self.path}: {exc.strerror}",
-                hint="set COHEARA_KEYS_PATH to a writable place",
-            ) from None
-        try:
-            try:
-                import fcntl
-            except ImportError:  # not POSIX: no lock
-                yield
-                return
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+        return exclusive(
+            self.path.with_name(self.path.name + ".lock"),
+            what=f"the key store {self.path}",
+            hint="set COHEARA_KEYS_PATH to a writable place",
+        )
 
 
 def canonical_tasks(tasks: Iterable[str]) -> tuple[str, ...]:

@@ -83,6 +83,7 @@ def create_backend(
             device=settings.transformers_device,
             dtype=settings.transformers_dtype,
             allow_download=settings.allow_download,
+            adapters_dir=settings.adapters_dir,
         )
     return AutoBackend(settings, model=model, url=url)
 

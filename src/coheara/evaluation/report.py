@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from coheara.evaluation import aggregate
-from coheara.evaluation.runner import MANIFEST, _write_private, read_records
+from coheara.evaluation.runner import MANIFEST, read_records
+from coheara.private_files import write_atomic
 
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
@@ -62,8 +63,8 @@ def build(folder: Path) -> dict[str, Any]:
 
 def write(folder: Path) -> dict[str, Any]:
     report = build(folder)
-    _write_private(folder / REPORT_JSON, json.dumps(report, indent=2) + "\n")
-    _write_private(folder / REPORT_HTML, to_html(report))
+    write_atomic(folder / REPORT_JSON, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
+    write_atomic(folder / REPORT_HTML, to_html(report).encode("utf-8"))
     return report
 
 

@@ -26,6 +26,7 @@ from coheara.engine.engine import CallRecord
 from coheara.errors import CohearaError, InvalidRequestError
 from coheara.evaluation import compliance, quality
 from coheara.evaluation.gold import GoldCase, GoldSet
+from coheara.private_files import write_atomic
 
 MANIFEST = "manifest.json"
 RESULTS = "results.jsonl"
@@ -136,16 +137,8 @@ def open_folder(folder: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
         manifest = {**earlier, **manifest, "started": earlier.get("started")}
     else:
         manifest = {**manifest, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    _write_private(path, json.dumps(manifest, indent=2) + "\n")
+    write_atomic(path, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
     return read_records(folder)
-
-
-def _write_private(path: Path, text: str) -> None:
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(temporary, path)
 
 
 def jobs(golds: list[GoldSet], variants: list[Variant]) -> Iterator[Job]:

@@ -21,17 +21,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
 import struct
-import tempfile
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from coheara.errors import ConfigurationError, InvalidRequestError
+from coheara.private_files import exclusive, write_atomic
 
 FORMAT = 1
 REGISTRY_FILE = "registry.json"
@@ -187,40 +185,15 @@ class AdapterRegistry:
 
     def _write(self, records: list[AdapterRecord]) -> None:
         document = {"format": FORMAT, "adapters": [r.to_dict() for r in records]}
-        data = json.dumps(document, indent=2).encode("utf-8") + b"\n"
-        fd, temp = tempfile.mkstemp(dir=self.folder, prefix=".registry-", suffix=".tmp")
-        try:  # mkstemp creates the file 0600
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
-            raise
+        write_atomic(self.path, json.dumps(document, indent=2).encode("utf-8") + b"\n")
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
         """One writer at a time (two trainings finishing together must not lose one)."""
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(self.folder / (REGISTRY_FILE + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise ConfigurationError(
-                f"cannot write the adapter registry in {self.folder}: {exc.strerror}",
-                hint="set COHEARA_ADAPTERS_DIR to a writable place",
-            ) from None
-        try:
-            try:
-                import fcntl
-            except ImportError:  # not POSIX: no lock
-                yield
-                return
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+        return exclusive(
+            self.folder / (REGISTRY_FILE + ".lock"),
+            what=f"the adapter registry in {self.folder}",
+            hint="set COHEARA_ADAPTERS_DIR to a writable place",
+        )
 
 
 # ----- the base model's fingerprint ------------------------------------------------------
