@@ -92,7 +92,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--full", action="store_true", help="add the 120K-token row")
     parser.add_argument(
-        "--contexts", default="1024,8192,32768,65536", help="prefill lengths for the memory table"
+        "--contexts",
+        default="1024,8192,32768,65536,120000",
+        help="prefill lengths for the memory table",
     )
     parser.add_argument("--out", type=Path, default=Path("."))
     arguments = parser.parse_args()

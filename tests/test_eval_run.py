@@ -134,7 +134,7 @@ def test_a_run_scores_each_case_and_writes_a_private_report(
         assert by_case[case]["compliance"]["schema_valid"] == 1
         assert by_case[case]["compliance"]["verified_share"] == 1.0
     refusal = by_case["plain-fr"]
-    assert refusal["error"]["code"] == "invalid_request" and refusal["response"] is None
+    assert refusal["error"]["code"] == "task_refused" and refusal["response"] is None
     assert refusal["compliance"]["refusal_correct"] == 1
 
     report = reporting.write(out)
@@ -331,3 +331,133 @@ def test_a_run_killed_with_sigkill_mid_call_loses_nothing(
     assert sorted(r["case"] for r in records) == ["lab-1", "lab-2", "lab-3"]
     assert [r["case"] for r in records][: len(kept)] == kept
     assert len((out / RESULTS).read_text().splitlines()) == 3
+
+
+def test_what_would_count_twice_or_vanish_is_refused(
+    scripted: tuple[Scripted, str], tmp_path: Path
+) -> None:
+    from coheara.errors import InvalidRequestError
+    from coheara.evaluation.runner import LOCK, Variant, jobs
+
+    _, url = scripted
+    gold = write_gold(tmp_path)
+    # The same case id in two gold sets would run once.
+    twin = tmp_path / "twin" / "gold.jsonl"
+    twin.parent.mkdir()
+    twin.write_text(gold.read_text())
+
+    async def both() -> None:
+        async with engine_for(url) as engine:
+            await run(engine, [goldsets.load(gold), goldsets.load(twin)], [BASE], tmp_path / "x")
+
+    with pytest.raises(InvalidRequestError, match=r"case id lab-1 is in both gold\.jsonl and gold"):
+        asyncio.run(both())
+    # A second run on a folder being written is refused, not interleaved.
+    out = tmp_path / "run"
+    evaluate(url, gold, out)
+    import fcntl
+
+    with open(out / LOCK, "a") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(InvalidRequestError, match="another coheara eval is writing"):
+            evaluate(url, gold, out)
+    # A folder that is not a run is never written into.
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(InvalidRequestError, match="not empty and holds no run"):
+        evaluate(url, gold, other)
+    assert sorted(p.name for p in other.iterdir()) == ["keep.txt"]
+    # An adapter's variant runs only its own task's cases.
+    adapter = Variant.for_adapter("plain-v1", "SLM-05")
+    picked = [job.case.id for job in jobs([goldsets.load(gold)], [BASE, adapter])]
+    assert picked == ["lab-1", "lab-2", "lab-3", "plain-fr", "plain-fr"]
+
+
+def test_reading_a_run_never_changes_it_and_damage_is_reported(
+    scripted: tuple[Scripted, str], tmp_path: Path
+) -> None:
+    from coheara.errors import InvalidRequestError
+
+    _, url = scripted
+    gold, out = write_gold(tmp_path), tmp_path / "run"
+    evaluate(url, gold, out)
+    results = out / RESULTS
+    with results.open("a") as handle:
+        handle.write('{"case": "torn')
+    size = results.stat().st_size
+    assert len(reporting.load(out)["summary"]["base"]["EXT-LAB"]) > 0
+    assert results.stat().st_size == size  # a reader leaves the torn line to the writer
+    lines = results.read_text().splitlines()
+    lines[1] = lines[1][:40]  # damage in the middle: never silently dropped
+    results.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InvalidRequestError, match=r"results.jsonl line 2 is damaged"):
+        reporting.load(out)
+    bad = tmp_path / "report.json"
+    bad.write_text('{"summary": {"base": {"EXT-LAB": {"cases": "many"}}}}')
+    with pytest.raises(InvalidRequestError, match="not a report of coheara eval"):
+        reporting.load(bad)
+
+
+def test_a_backend_outage_stops_the_run_and_the_rerun_finishes_it(
+    scripted: tuple[Scripted, str], tmp_path: Path
+) -> None:
+    from coheara.errors import BackendUnavailableError
+
+    script, url = scripted
+    gold, out = write_gold(tmp_path, refusal=False), tmp_path / "run"
+
+    def outage_after_first(job: Any, record: dict[str, Any] | None) -> None:
+        script.fake.fail_with = (503, "server busy, please try again")
+
+    with pytest.raises(BackendUnavailableError):
+        evaluate(url, gold, out, progress=outage_after_first)
+    assert [r["case"] for r in read_records(out)] == ["lab-1"]  # the outage is not a result
+    script.fake.fail_with = None
+    records = evaluate(url, gold, out)
+    assert [r["status"] for r in records] == ["ok", "ok", "ok"]
+
+
+def test_the_gate_refuses_a_baseline_it_cannot_compare(
+    scripted: tuple[Scripted, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _, url = scripted
+    cli = in_process(monkeypatch, capsys)
+    gold = write_gold(tmp_path)
+    backend = ["--backend", "ollama", "--url", url]
+    plain = tmp_path / "plain"
+    assert cli("eval", str(gold), "--task", "SLM-05", "--out", str(plain), *backend).returncode == 0
+    gated = cli(
+        "eval", str(gold), "--task", "EXT-LAB", "--out", str(tmp_path / "lab"), *backend,
+        "--gate", str(plain),
+    )  # fmt: skip
+    assert gated.returncode == 4
+    assert "the gate has nothing to compare" in gated.stderr and "Traceback" not in gated.stderr
+
+
+def test_a_gold_line_the_task_cannot_take_fails_at_load_by_line(tmp_path: Path) -> None:
+    from coheara.errors import InvalidRequestError
+
+    base = {"id": "c1", "task": "SLM-05", "request": {"input": {"text": "Rest."}}}
+    cases = [
+        ({**base, "request": {"input": "hello"}}, r"line 1: request\.input: Input should be"),
+        ({**base, "request": {"input": {"txt": "Rest."}}}, r"line 1: input for SLM-05 is invalid"),
+        ({**base, "images": ["../../etc/passwd"]}, r"line 1: an image path leaves"),
+        ({**base, "tags": {"Patient Jane Doe": 5}}, r"line 1: tags\.\[key\]: Input should be"),
+        ({**base, "request": {"input": {"text": "Rest."}, "fhir": "x"}}, r"request\.fhir"),
+    ]
+    for line, message in cases:
+        path = tmp_path / "g.jsonl"
+        path.write_text(json.dumps(line) + "\n")
+        with pytest.raises(InvalidRequestError, match=message) as caught:
+            goldsets.load(path)
+        assert "Jane" not in str(caught.value)
+    path.write_bytes(b'{"id": "\xff"}\n')
+    with pytest.raises(InvalidRequestError, match="not UTF-8 JSON"):
+        goldsets.load(path)
+    path.write_text("[" * 100_000 + "\n")
+    with pytest.raises(InvalidRequestError, match="line 1"):
+        goldsets.load(path)

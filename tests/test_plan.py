@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -144,7 +145,7 @@ def test_the_transformers_runtime_adds_its_dense_mask() -> None:
     from coheara.deploy.plan import DENSE_MASK_BYTES, for_runtime
 
     request = for_runtime("transformers", context=8192)
-    assert (request.variant, request.kv_type, request.prefill_chunk) == ("bf16", "bf16", 8192)
+    assert (request.variant, request.kv_type, request.prefill_chunk) == ("bf16", "bf16", None)
     assert request.flash_attention and request.dense_mask
     # Whole-prompt prefill: float32 working set of 8192 tokens, no scores, the dense mask
     # (3 bytes a query-key pair) and one row of logits.
@@ -192,3 +193,18 @@ def test_the_kv_cache_matches_the_tensors_transformers_keeps(
     planned = kv_cache_bytes(PlanInput(context=context, kv_type="f32", architecture=shape))
     assert measured.kv_cache == pytest.approx(planned, rel=0.10)
     assert measured.peak is None  # CPU: the allocator peak is read on CUDA only
+
+
+def test_solving_for_transformers_grows_the_mask_with_the_window() -> None:
+    """The whole prompt is prefilled at once, so the dense mask grows with the window the
+    solver tries: the answer is the boundary of the full plan, checked on both sides."""
+    from coheara.deploy.plan import for_runtime
+
+    request = for_runtime("transformers")
+    memory = 40 * 10**9
+    window = largest_context(request, memory)
+    assert window is not None and 40_000 < window < 131072
+    assert plan(replace(request, context=window)).total <= memory
+    assert plan(replace(request, context=window + 1)).total > memory
+    result = coheara("plan", "--runtime", "transformers", "--memory-gb", "40", "--json")
+    assert json.loads(result.stdout)["solve"]["largest_context"] == window

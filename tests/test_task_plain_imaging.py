@@ -17,7 +17,7 @@ from PIL import Image
 
 from coheara import Engine, Settings
 from coheara.engine.result import ExtractionResult
-from coheara.errors import ImageError, InvalidRequestError
+from coheara.errors import ImageError, TaskRefusedError
 from coheara.imaging.limits import ImageLimits
 from coheara.tasks.envelope import TaskRequest
 from coheara.tasks.readability import count_sentences, flesch_kincaid, syllables_of, words_of
@@ -213,7 +213,7 @@ def test_another_language_is_refused_clearly(
     data: dict[str, Any], context: dict[str, Any] | None
 ) -> None:
     body: dict[str, Any] = {"input": data, **({"context": context} if context else {})}
-    with pytest.raises(InvalidRequestError) as caught:
+    with pytest.raises(TaskRefusedError) as caught:  # a refusal, not a malformed request
         asyncio.run(run_task(_NeverCalled(), body, task="SLM-05"))  # type: ignore[arg-type]
     message = str(caught.value)
     assert "English-only" in message and "lisinopril" not in message

@@ -10,6 +10,7 @@ Messages never contain patient text: they state numbers, model ids and fixes.
     │   ├── ImageError                exit 4   400
     │   ├── UnsupportedCapabilityError exit 4  400  e.g. image to a text-only model
     │   ├── TaskNotFoundError         exit 4   404  no task with that id
+    │   ├── TaskRefusedError          exit 4   400  the task declines this request by policy
     │   ├── RequestTooLargeError      exit 4   413  body, text or image count over a limit
     │   └── ContextOverflowError      exit 5   400  shorten the input or raise the window
     │       └── SilentTruncationError exit 5   400  the backend dropped part of the prompt
@@ -77,6 +78,18 @@ class UnsupportedCapabilityError(InvalidRequestError):
 class TaskNotFoundError(InvalidRequestError):
     http_status = 404
     code = "task_not_found"
+
+
+class TaskRefusedError(InvalidRequestError):
+    """A well-formed request the task declines by design (SLM-05 writes English only): a
+    refusal `coheara eval` counts as such, unlike a malformed request."""
+
+    code = "task_refused"
+
+
+REFUSAL = "task_refused"
+"""The pydantic error type an input validator raises (`PydanticCustomError(REFUSAL, ...)`)
+for a policy refusal, so that `validate_input` raises `TaskRefusedError`."""
 
 
 class RequestTooLargeError(InvalidRequestError):

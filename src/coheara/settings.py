@@ -122,6 +122,17 @@ class Settings(BaseSettings):
 
     max_output_tokens: int = Field(default=1024, ge=1, le=model_facts.MAX_OUTPUT_TOKENS)
     timeout_s: float = Field(default=300.0, gt=0)
+    eval_tolerance: float = Field(
+        default=0.02,
+        ge=0,
+        le=1,
+        description="`coheara eval --gate`: the largest drop allowed in a rate or score.",
+    )
+    eval_latency_tolerance: float = Field(
+        default=0.25,
+        ge=0,
+        description="`coheara eval --gate`: the largest slow-down allowed in a time (0.25: 25%).",
+    )
     connect_timeout_s: float = Field(default=5.0, gt=0)
     extract_retries: int = Field(default=1, ge=0, le=5)
     extract_field_fallback: bool = Field(

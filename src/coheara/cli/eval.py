@@ -52,22 +52,22 @@ def eval_command(
         typer.Option(help="Fail (exit 13) if a metric drops below this baseline run's."),
     ] = None,
     tolerance: Annotated[
-        float,
+        float | None,
         typer.Option(
             min=0.0,
             max=1.0,
-            envvar="COHEARA_EVAL_TOLERANCE",
-            help="Gate: the largest drop allowed in a rate or score (absolute).",
+            help="Gate: the largest drop allowed in a rate or score, absolute "
+            "(default: the eval_tolerance setting, 0.02).",
         ),
-    ] = 0.02,
+    ] = None,
     latency_tolerance: Annotated[
-        float,
+        float | None,
         typer.Option(
             min=0.0,
-            envvar="COHEARA_EVAL_LATENCY_TOLERANCE",
-            help="Gate: the largest slow-down allowed in a time (relative, 0.25 = 25%).",
+            help="Gate: the largest slow-down allowed in a time, relative "
+            "(default: the eval_latency_tolerance setting, 0.25 = 25%).",
         ),
-    ] = 0.25,
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Score tasks on gold sets (task quality and framework compliance), write report.json
@@ -92,8 +92,14 @@ def eval_command(
             _print_changes(changes, "adapters against the base")
         err_console.print(f"report: {folder / reporting.REPORT_HTML}", markup=False)
     if baseline is not None:
+        settings = settings_for(backend)
         regressions = comparing.gate(
-            baseline, report, tolerance=tolerance, latency_tolerance=latency_tolerance
+            baseline,
+            report,
+            tolerance=settings.eval_tolerance if tolerance is None else tolerance,
+            latency_tolerance=(
+                settings.eval_latency_tolerance if latency_tolerance is None else latency_tolerance
+            ),
         )
         if regressions:
             _print_changes(regressions, f"regressions against {gate}")
@@ -120,6 +126,7 @@ def _run(
     from coheara.engine import Engine
     from coheara.evaluation import gold as goldsets
     from coheara.evaluation import report as reporting
+    from coheara.evaluation.quality import require_rouge
     from coheara.evaluation.runner import BASE, Variant, default_folder, manifest_for, run
     from coheara.tasks.registry import get_task
 
@@ -136,16 +143,19 @@ def _run(
             golds.append(loaded.model_copy(update={"cases": cases}))
     if not golds:
         raise InvalidRequestError("no gold cases for the tasks asked for")
-    variants = ([BASE] if base else []) + [Variant.for_adapter(a) for a in adapters or []]
-    if not variants:
-        raise InvalidRequestError("nothing to run: --no-base needs at least one --adapter")
     settings = settings_for(backend)
+    variants = [BASE] if base else []
     if adapters:
         from coheara.finetune.adapters import AdapterRegistry
 
         registry = AdapterRegistry(settings.adapters_dir)
-        for name in adapters:
-            registry.get(name)  # an unknown name stops here, not as a refusal per case
+        for name in adapters:  # an unknown name stops here, before any case runs
+            record = registry.get(name)
+            variants.append(Variant.for_adapter(record.name, record.task))
+    if not variants:
+        raise InvalidRequestError("nothing to run: --no-base needs at least one --adapter")
+    if any(case.expected.reference for gold in golds for case in gold.cases):
+        require_rouge()
     engine = Engine.from_config(model=model, url=url, settings=settings)
     total = sum(len(g.cases) for g in golds) * len(variants)
 

@@ -15,7 +15,7 @@ from typing import Any
 from coheara import model_facts
 from coheara.backends.base import Backend, Capabilities
 from coheara.deploy.hardware import Hardware, free_disk_bytes
-from coheara.deploy.plan import GIB, PlanInput, Variant, largest_context, plan
+from coheara.deploy.plan import GIB, PlanInput, Variant, for_runtime, largest_context, plan
 from coheara.errors import CohearaError
 from coheara.settings import Settings
 
@@ -262,12 +262,12 @@ def transformers_findings(settings: Settings, hardware: Hardware) -> list[Findin
     float32 = settings.transformers_dtype == "float32" or (
         settings.transformers_dtype == "auto" and not cuda
     )
-    request = PlanInput(
+    request = for_runtime(  # as measured: whole-prompt prefill, dense sliding-window mask
+        "transformers",
         variant="custom",
         weights_gb=weights_gb * (2 if float32 else 1),
         context=min(settings.num_ctx, model_facts.CONTEXT_LENGTH),
-        sliding_window_cache=False,  # Transformers' default cache keeps every token
-        prefill_chunk=min(settings.num_ctx, model_facts.CONTEXT_LENGTH),
+        kv_type="f32" if float32 else "bf16",
     )
     what = f"Transformers {'float32' if float32 else 'bfloat16'}"
     smaller = "bfloat16 (COHEARA_TRANSFORMERS_DTYPE=bfloat16)" if float32 else "a GPU"

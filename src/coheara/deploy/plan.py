@@ -132,7 +132,8 @@ class PlanInput:
     sliding_window_cache: bool = True
     vision: bool = True
     flash_attention: bool = False
-    prefill_chunk: int = 512
+    prefill_chunk: int | None = 512
+    """Prompt tokens processed at once; None: the whole prompt (Transformers)."""
     dense_mask: bool = False
     """The runtime builds the sliding-window mask as a dense chunk x context tensor."""
     architecture: Architecture = MEDGEMMA_4B
@@ -152,7 +153,7 @@ class PlanInput:
             raise InvalidRequestError("parallel sequences must be 1 to 1024")
         if self.kv_type not in KV_BYTES_PER_ELEMENT:
             raise InvalidRequestError(f"unknown KV cache type {self.kv_type}")
-        if self.prefill_chunk < 1:
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise InvalidRequestError("the prefill chunk must be at least 1 token")
 
 
@@ -234,7 +235,7 @@ def activation_bytes(plan: PlanInput) -> int:
     (without flash attention), a dense sliding-window mask where the runtime builds one,
     and a row of logits per sequence."""
     shape = plan.architecture
-    chunk = min(plan.prefill_chunk, plan.context)
+    chunk = plan.context if plan.prefill_chunk is None else min(plan.prefill_chunk, plan.context)
     working = chunk * (4 * shape.hidden_size + 3 * shape.intermediate_size) * 4
     scores = 0 if plan.flash_attention else chunk * shape.query_heads * plan.context * 4
     mask = DENSE_MASK_BYTES * chunk * plan.context if plan.dense_mask else 0
@@ -255,6 +256,7 @@ RUNTIME_DEFAULTS: dict[str, dict[str, Any]] = {
         "kv_type": "bf16",
         "flash_attention": True,
         "dense_mask": True,
+        "prefill_chunk": None,
     },
 }
 
@@ -264,8 +266,6 @@ def for_runtime(runtime: Runtime, **given: Any) -> PlanInput:
     if runtime not in RUNTIME_DEFAULTS:
         raise InvalidRequestError(f"unknown runtime {runtime}", hint="ollama or transformers")
     values = {**RUNTIME_DEFAULTS[runtime], **{k: v for k, v in given.items() if v is not None}}
-    if runtime == "transformers" and given.get("prefill_chunk") is None:
-        values["prefill_chunk"] = values.get("context", PlanInput.context)
     return PlanInput(**values)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from coheara.errors import InvalidRequestError
 from coheara.evaluation import aggregate
 from coheara.evaluation.report import by_task
 
@@ -121,6 +122,13 @@ def gate(
 
     before, after = tasks(baseline), tasks(current)
     judged = (before & after) | ({"all"} if before == after else set())
+    if not before & after or not pair_variants(baseline, current):
+        raise InvalidRequestError(
+            "the gate has nothing to compare: the baseline and this run share no task "
+            f"and variant (baseline: {', '.join(sorted(before)) or 'none'}; "
+            f"this run: {', '.join(sorted(after)) or 'none'})",
+            hint="gate against a baseline of the same tasks",
+        )
     regressions = []
     for change in compare(baseline, current):
         if change.task not in judged:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -109,9 +110,9 @@ class GoldSet(BaseModel):
 
 
 def load(path: str | Path) -> GoldSet:
-    """Read and check a gold set; a bad line is one error naming its line, never its text."""
-    from coheara.tasks.registry import get_task
-
+    """Read and check a gold set: each line's shape, its request against its task's input
+    model, its images inside the set's folder. A bad line is one error naming its line
+    and the fields at fault, never their text."""
     file = Path(path)
     try:
         raw = file.read_bytes()
@@ -124,30 +125,28 @@ def load(path: str | Path) -> GoldSet:
     for number, line in enumerate(raw.splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith(b"//"):
             continue
+        where = f"{file.name} line {number}"
         if len(line) > MAX_LINE_BYTES:
-            raise InvalidRequestError(f"{file.name} line {number}: longer than 8 MiB")
+            raise InvalidRequestError(f"{where}: longer than 8 MiB")
         try:
             case = GoldCase.model_validate(json.loads(line))
         except json.JSONDecodeError as exc:
             raise InvalidRequestError(
-                f"{file.name} line {number}: not JSON ({exc.msg} at column {exc.colno})"
+                f"{where}: not JSON ({exc.msg} at column {exc.colno})"
             ) from None
-        except ValidationError as exc:
-            first = exc.errors(include_input=False, include_url=False)[0]
-            where = ".".join(str(p) for p in first["loc"]) or "(line)"
-            raise InvalidRequestError(
-                f"{file.name} line {number}: {where}: {first['msg']}"
-            ) from None
+        except (ValueError, RecursionError) as exc:
+            if isinstance(exc, ValidationError):
+                first = exc.errors(include_input=False, include_url=False)[0]
+                raise InvalidRequestError(
+                    f"{where}: "
+                    f"{_location(first['loc'], unknown_key=first['type'] == 'extra_forbidden')}: "
+                    f"{first['msg']}"
+                ) from None
+            raise InvalidRequestError(f"{where}: not UTF-8 JSON, or nested too deep") from None
         if case.id in seen:
-            raise InvalidRequestError(f"{file.name} line {number}: case id {case.id} repeated")
+            raise InvalidRequestError(f"{where}: case id {case.id} repeated")
         seen.add(case.id)
-        try:
-            case.task = get_task(case.task).id
-        except InvalidRequestError:
-            raise InvalidRequestError(
-                f"{file.name} line {number}: unknown task '{case.task[:32]}'",
-                hint="coheara tasks lists them",
-            ) from None
+        _check_case(case, where, file.parent)
         cases.append(case)
         if len(cases) > MAX_CASES:
             raise InvalidRequestError(f"{file.name}: more than {MAX_CASES} cases")
@@ -159,6 +158,58 @@ def load(path: str | Path) -> GoldSet:
         cases=cases,
         folder=file.parent,
     )
+
+
+_FIELDS = {*GoldCase.model_fields, *Expected.model_fields, *AlertExpectation.model_fields}
+
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")
+
+
+def _location(loc: tuple[int | str, ...], *, unknown_key: bool = False) -> str:
+    """A pydantic error's place, with the keys of free-form maps (tags, fields, criteria:
+    possibly clinical words) replaced by `[key]`; a misspelt field name (`cods`) is shown."""
+    parts = [str(p) if isinstance(p, int) or p in _FIELDS else "[key]" for p in loc]
+    last = loc[-1] if loc else None
+    if unknown_key and isinstance(last, str) and _IDENTIFIER.match(last):
+        parts[-1] = last
+    return ".".join(parts) or "(line)"
+
+
+def _check_case(case: GoldCase, where: str, folder: Path) -> None:
+    """The task exists, the request is a valid envelope for it (a refusal by the task's
+    policy is allowed: it may be what the case tests), the images stay in the folder."""
+    from coheara.errors import TaskRefusedError
+    from coheara.tasks.envelope import TaskRequest
+    from coheara.tasks.registry import get_task
+    from coheara.tasks.runner import validate_input
+
+    try:
+        spec = get_task(case.task)
+    except InvalidRequestError:
+        raise InvalidRequestError(
+            f"{where}: unknown task '{case.task[:32]}'", hint="coheara tasks lists them"
+        ) from None
+    case.task = spec.id
+    try:
+        request = TaskRequest.model_validate({**case.request, "request_id": "gold"})
+    except ValidationError as exc:
+        first = exc.errors(include_input=False, include_url=False)[0]
+        place = ".".join(str(p) for p in first["loc"])
+        raise InvalidRequestError(f"{where}: request.{place}: {first['msg']}") from None
+    try:
+        validate_input(spec, request.input)
+    except TaskRefusedError:
+        pass
+    except InvalidRequestError as exc:
+        raise InvalidRequestError(f"{where}: {exc.message}") from None
+    root = folder.resolve()
+    for name in case.images:
+        image = (root / name).resolve()
+        if not image.is_relative_to(root):
+            raise InvalidRequestError(f"{where}: an image path leaves the gold set's folder")
+        if not image.is_file():
+            raise InvalidRequestError(f"{where}: image {Path(name).name} not found")
 
 
 def shipped(task: str | None = None) -> list[Path]:

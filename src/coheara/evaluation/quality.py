@@ -313,6 +313,11 @@ def _words(value: Any) -> Iterator[str]:
             yield from _words(inner)
 
 
+def require_rouge() -> None:
+    """Fail before any model call, not after the first case, when ROUGE-L cannot run."""
+    _scorer()
+
+
 @cache
 def _scorer() -> Any:
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from coheara.evaluation import aggregate
-from coheara.evaluation.runner import MANIFEST, read_records
+from coheara.evaluation.runner import MANIFEST, read_manifest, read_records
 from coheara.private_files import write_atomic
 
 REPORT_JSON = "report.json"
@@ -43,7 +43,7 @@ def ordered(names: set[str] | list[str]) -> list[str]:
 
 
 def build(folder: Path) -> dict[str, Any]:
-    manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    manifest = read_manifest(folder / MANIFEST)
     records = read_records(folder)
     summary = aggregate.summarize(records)
     failures = [
@@ -77,12 +77,30 @@ def load(path: Path) -> dict[str, Any]:
             raise InvalidRequestError(f"{path} is not a run folder (no {MANIFEST})")
         return build(path)
     try:
-        report: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
         raise InvalidRequestError(f"{path} is not a report (a run folder or report.json)") from None
-    if not isinstance(report, dict) or "summary" not in report:
-        raise InvalidRequestError(f"{path} is not a report (no summary)")
+    if not isinstance(report, dict) or not _is_summary(report.get("summary")):
+        raise InvalidRequestError(f"{path} is not a report of coheara eval (bad summary)")
     return report
+
+
+def _is_summary(summary: Any) -> bool:
+    """variant -> task -> metric -> number or null (and "strata", not read here)."""
+    if not isinstance(summary, dict):
+        return False
+    for variant, tasks in summary.items():
+        if variant == "strata":
+            continue
+        if not isinstance(tasks, dict):
+            return False
+        for values in tasks.values():
+            if not isinstance(values, dict) or not all(
+                value is None or (isinstance(value, int | float) and not isinstance(value, bool))
+                for value in values.values()
+            ):
+                return False
+    return True
 
 
 def by_task(report: dict[str, Any]) -> dict[str, dict[str, dict[str, float | None]]]:

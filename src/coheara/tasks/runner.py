@@ -19,7 +19,12 @@ from pydantic import BaseModel, ValidationError
 from coheara.backends.base import GenerationOptions
 from coheara.context import call_context, calling
 from coheara.engine.chat_format import InputMessage
-from coheara.errors import InvalidRequestError, OutputValidationError
+from coheara.errors import (
+    REFUSAL,
+    InvalidRequestError,
+    OutputValidationError,
+    TaskRefusedError,
+)
 from coheara.tasks.envelope import (
     ArtifactContext,
     TaskMetadata,
@@ -43,11 +48,13 @@ def validate_input(spec: TaskSpec, data: dict[str, Any]) -> BaseModel:
     try:
         return spec.input_model.model_validate(data)
     except ValidationError as exc:
+        errors = exc.errors(include_input=False, include_url=False)
         problems = [
             f"{'.'.join(str(p) for p in error['loc']) or 'input'}: {error['msg']}"
-            for error in exc.errors(include_input=False, include_url=False)[:5]
+            for error in errors[:5]
         ]
-        raise InvalidRequestError(
+        refused = all(error["type"] == REFUSAL for error in errors)
+        raise (TaskRefusedError if refused else InvalidRequestError)(
             f"input for {spec.id} is invalid: " + "; ".join(problems),
             hint=f"see the input schema: coheara tasks {spec.id}",
         ) from None

@@ -19,7 +19,7 @@ What the layer enforces, whatever the model writes:
   whose names carry no stem (warfarin, insulin, aspirin, ...). A brand name without such
   a stem is not recognised.
 - MedGemma 1.5 is English only: a `target_language` other than English, or a clinical
-  text or context that asks for a translation, is refused with `InvalidRequestError`.
+  text or context that asks for a translation, is refused with `TaskRefusedError`.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.json_schema import SkipJsonSchema
+from pydantic_core import PydanticCustomError
 
-from coheara.errors import InvalidRequestError
+from coheara.errors import REFUSAL, TaskRefusedError
 from coheara.tasks import fhir
 from coheara.tasks.envelope import ArtifactContext, TaskRequest, TraceLink
 from coheara.tasks.readability import flesch_kincaid
@@ -108,14 +109,14 @@ class PlainLanguageInput(BaseModel):
     @classmethod
     def _english_only(cls, value: str) -> str:
         if not _ENGLISH.match(value.strip()):
-            raise ValueError(ENGLISH_ONLY)
+            raise PydanticCustomError(REFUSAL, ENGLISH_ONLY)
         return value
 
     @field_validator("text")
     @classmethod
     def _no_translation(cls, value: str) -> str:
         if asks_for_translation(value):
-            raise ValueError("the text asks for a translation. " + ENGLISH_ONLY)
+            raise PydanticCustomError(REFUSAL, "the text asks for a translation. " + ENGLISH_ONLY)
         return value
 
 
@@ -216,7 +217,7 @@ def _refuse_translation_context(context: ArtifactContext | None) -> None:
     texts = [context.purpose or "", context.boundaries or ""]
     texts += template if isinstance(template, list) else [template or ""]
     if any(asks_for_translation(text) for text in texts):
-        raise InvalidRequestError(
+        raise TaskRefusedError(
             "SLM-05 context asks for a translation; " + ENGLISH_ONLY,
             hint="remove the translation request from the context",
         )
