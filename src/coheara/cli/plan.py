@@ -138,5 +138,9 @@ def _print(result: Plan, solved: dict[str, int | None]) -> None:
             f"In {(solved['memory_bytes'] or 0) / 10**9:g} GB: the longest window at "
             f"{request.parallel} sequence(s) is "
             + (f"{window} tokens" if window else "none (the weights alone do not fit)")
-            + f"; at {request.context} tokens, {solved['largest_parallel']} sequence(s)."
+            + (
+                "."  # the in-process backend generates one request at a time
+                if request.dense_mask
+                else f"; at {request.context} tokens, {solved['largest_parallel']} sequence(s)."
+            )
         )
