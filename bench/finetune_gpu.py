@@ -86,8 +86,8 @@ def main() -> int:
         print("finetune_gpu.py needs a CUDA GPU (bfloat16, about 30 GiB); this torch sees none")
         return 2
 
+    from coheara.adapters import LoraSettings
     from coheara.dev.full_size import synthetic_model
-    from coheara.finetune.adapters import LoraSettings
     from coheara.finetune.train import TrainConfig, train_model
 
     started = time.perf_counter()

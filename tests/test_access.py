@@ -62,6 +62,10 @@ def test_create_list_revoke(tmp_path: Path) -> None:
     ring = store.load()
     assert ring.verify(pacs_key) == pacs and ring.verify(ward_key) == ward
     assert ring.verify(ward_key[:-1] + ("A" if ward_key[-1] != "A" else "B")) is None
+    for spare in range(1, 4):  # the last character's 2 unused bits: another spelling, refused
+        last = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+        index = last.index(ward_key[-1]) ^ spare
+        assert ring.verify(ward_key[:-1] + last[index]) is None
 
     revoked = store.revoke("radiology-pacs")
     assert revoked.revoked is not None and not revoked.active

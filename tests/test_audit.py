@@ -19,6 +19,7 @@ import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -751,15 +752,15 @@ def test_a_version_1_trail_is_upgraded_in_place(tmp_path: Path) -> None:
     path = tmp_path / "audit.sqlite3"
     key = AuditKey.load(tmp_path / "audit.key")
     old = AuditRecord(time=iso_time(1_700_000_000.0), outcome="ok", key_id=key.key_id)
-    later = ("image_digests", "endpoint", "failovers")  # columns of versions 2 and 3
+    later = ("image_digests", "endpoint", "failovers", "adapter")  # columns of versions 2-4
     write_old_trail(path, key, old, version=1, later=later)
 
     with AuditLog.open(path) as log:
         log.observe(synthetic(1))
     store = AuditStore(path)
-    assert store.version() == SCHEMA_VERSION == 3
+    assert store.version() == SCHEMA_VERSION == 4
     columns = {r[1] for r in sqlite3.connect(path).execute("PRAGMA table_info(records)")}
-    assert {"image_digests", "endpoint", "failovers"} <= columns and store.count() == 2
+    assert set(later) <= columns and store.count() == 2
     store.close()
     assert verdict(path) == (None, "")
 
@@ -767,6 +768,45 @@ def test_a_version_1_trail_is_upgraded_in_place(tmp_path: Path) -> None:
         future.execute("PRAGMA user_version = 99")
     with pytest.raises(ConfigurationError, match="schema version 99"):
         AuditStore(path)
+
+
+def test_a_version_3_trail_gains_the_adapter_column_and_still_verifies(tmp_path: Path) -> None:
+    """Version 4 adds `adapter`: an old record (no such column) keeps its hash, a new one
+    names its adapter, the hash covers it (an edit breaks the chain), and FHIR carries it."""
+    path = tmp_path / "audit.sqlite3"
+    key = AuditKey.load(tmp_path / "audit.key")
+    old = AuditRecord(
+        time=iso_time(1_700_000_000.0), outcome="ok", key_id=key.key_id, endpoint="http://a"
+    )
+    write_old_trail(path, key, old, version=3, later=("adapter",))
+    assert verdict(path) == (None, "")
+    with AuditLog.open(path) as log:
+        log.observe(replace(synthetic(1), adapter="plain-v1"))
+        log.observe(synthetic(2))
+        log.observe(replace(synthetic(4), adapter="a name with spaces"))
+    store = AuditStore(path)
+    try:
+        assert store.version() == SCHEMA_VERSION == 4
+        first, second, third, fourth = store.iter_records()
+    finally:
+        store.close()
+    assert first.record_hash == old.record_hash and first.adapter is None
+    assert (second.adapter, third.adapter) == ("plain-v1", None)
+    assert fourth.adapter is not None and fourth.adapter.startswith("hmac:")  # not a plain name
+    assert verdict(path) == (None, "")
+    assert "adapter" in second.hashed_fields() and "adapter" not in third.hashed_fields()
+
+    details = {
+        d["type"]["coding"][0]["code"]: d for d in audit_event(second)["entity"][0]["detail"]
+    }
+    assert details["adapter"]["valueString"] == "plain-v1"
+    assert "adapter" not in {
+        d["type"]["coding"][0]["code"] for d in audit_event(third)["entity"][0]["detail"]
+    }
+
+    with sqlite3.connect(path) as attacker:
+        attacker.execute("UPDATE records SET adapter = 'plain-v2' WHERE seq = 2")
+    assert verdict(path) == (2, "its hash does not match its fields (edited)")
 
 
 def test_the_key_is_private_and_never_in_the_database(tmp_path: Path) -> None:

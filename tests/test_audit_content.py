@@ -553,7 +553,7 @@ def test_content_key_command_makes_a_private_key_file(
 # ----- migrations ------------------------------------------------------------------------------
 
 
-def test_a_version_2_trail_is_upgraded_to_3_in_place(tmp_path: Path) -> None:
+def test_a_version_2_trail_is_upgraded_in_place(tmp_path: Path) -> None:
     path = tmp_path / "audit.sqlite3"
     key = AuditKey.load(tmp_path / "audit.key")
     old = AuditRecord(
@@ -563,7 +563,7 @@ def test_a_version_2_trail_is_upgraded_to_3_in_place(tmp_path: Path) -> None:
         images=1,
         image_digests=json.dumps(["ab" * 32]),
     )
-    write_old_trail(path, key, old, version=2, later=("endpoint", "failovers"))
+    write_old_trail(path, key, old, version=2, later=("endpoint", "failovers", "adapter"))
     assert verdict(path, tmp_path / "audit.key") == (None, "")
     store = AuditStore(path, readonly=True)  # reading never migrates; no content yet
     try:
@@ -576,7 +576,7 @@ def test_a_version_2_trail_is_upgraded_to_3_in_place(tmp_path: Path) -> None:
         log.observe(synthetic(1, time.time()))
     store = AuditStore(path)
     try:
-        assert store.version() == SCHEMA_VERSION == 3 and store.count() == 2
+        assert store.version() == SCHEMA_VERSION == 4 and store.count() == 2
         first = store.get(1)
         assert first is not None and first.record_hash == old.record_hash  # unchanged
         assert first.endpoint is None and first.failovers is None

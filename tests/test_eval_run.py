@@ -109,6 +109,11 @@ def scripted() -> Iterator[tuple[Scripted, str]]:
         yield script, url
 
 
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Callable[..., Any]:
+    return in_process(monkeypatch, capsys)
+
+
 def engine_for(url: str) -> Engine:
     return Engine.from_config(settings=Settings(backend="ollama"), url=url)
 
@@ -182,13 +187,9 @@ def test_a_killed_run_resumes_with_nothing_lost_and_nothing_twice(
 
 
 def test_the_gate_fails_on_a_planted_regression_and_compare_says_what_moved(
-    scripted: tuple[Scripted, str],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    scripted: tuple[Scripted, str], tmp_path: Path, cli: Callable[..., Any]
 ) -> None:
     script, url = scripted
-    cli: Callable[..., Any] = in_process(monkeypatch, capsys)
     gold = write_gold(tmp_path, refusal=False)
     backend = ["--backend", "ollama", "--url", url]
     baseline = cli("eval", str(gold), "--out", str(tmp_path / "baseline"), *backend)
@@ -226,13 +227,9 @@ def test_the_gate_fails_on_a_planted_regression_and_compare_says_what_moved(
 
 
 def test_a_folder_of_another_run_and_a_bad_gold_set_are_one_line_errors(
-    scripted: tuple[Scripted, str],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    scripted: tuple[Scripted, str], tmp_path: Path, cli: Callable[..., Any]
 ) -> None:
     _, url = scripted
-    cli = in_process(monkeypatch, capsys)
     backend = ["--backend", "ollama", "--url", url]
     out = tmp_path / "run"
     first = write_gold(tmp_path, refusal=False)
@@ -419,13 +416,9 @@ def test_a_backend_outage_stops_the_run_and_the_rerun_finishes_it(
 
 
 def test_the_gate_refuses_a_baseline_it_cannot_compare(
-    scripted: tuple[Scripted, str],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    scripted: tuple[Scripted, str], tmp_path: Path, cli: Callable[..., Any]
 ) -> None:
     _, url = scripted
-    cli = in_process(monkeypatch, capsys)
     gold = write_gold(tmp_path)
     backend = ["--backend", "ollama", "--url", url]
     plain = tmp_path / "plain"

@@ -33,6 +33,14 @@ import typer  # noqa: E402
 
 from cli_support import Ran  # noqa: E402
 from coheara import Engine, Settings, model_facts  # noqa: E402
+from coheara.adapters import (  # noqa: E402
+    VISION_MARKERS,
+    AdapterRecord,
+    AdapterRegistry,
+    LoraSettings,
+    base_fingerprint,
+    now,
+)
 from coheara.backends.base import ChatRequest, GenerationOptions, Message  # noqa: E402
 from coheara.backends.ollama import OllamaBackend  # noqa: E402
 from coheara.backends.openai_compat import OpenAIBackend  # noqa: E402
@@ -46,16 +54,9 @@ from coheara.errors import (  # noqa: E402
     UnsupportedCapabilityError,
 )
 from coheara.evaluation.gold import load as load_gold  # noqa: E402
-from coheara.finetune.adapters import (  # noqa: E402
-    AdapterRecord,
-    AdapterRegistry,
-    LoraSettings,
-    base_fingerprint,
-    now,
-)
 from coheara.finetune.data import IGNORE, answer_text, build_training_set  # noqa: E402
-from coheara.finetune.export import export_merged, export_vllm  # noqa: E402
-from coheara.finetune.train import TrainConfig, train  # noqa: E402
+from coheara.finetune.export import export_merged, export_vllm, vllm_problems  # noqa: E402
+from coheara.finetune.train import TrainConfig, build_trainer, train, train_model  # noqa: E402
 from coheara.settings import load_settings  # noqa: E402
 from coheara.tasks.registry import get_task  # noqa: E402
 from coheara.tasks.runner import run_task  # noqa: E402
@@ -112,6 +113,42 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 
+def _record(name: str, path: Path | str, **changes: Any) -> AdapterRecord:
+    """A synthetic registry record (no files behind it)."""
+    values: dict[str, Any] = {
+        "name": name,
+        "task": "SLM-05",
+        "base_model": "/models/base",
+        "base_fingerprint": "0" * 64,
+        "data_file": "/data/plain.jsonl",
+        "data_sha256": "1" * 64,
+        "cases": 2,
+        "lora": LoraSettings(target_modules=r".*\.language_model\..*\.(q_proj)"),
+        "qlora": False,
+        "steps": 3,
+        "epochs": 1.5,
+        "learning_rate": 2e-4,
+        "first_loss": 2.0,
+        "final_loss": 1.0,
+        "created": "2025-01-01T00:00:00Z",
+        "path": str(path),
+    }
+    return AdapterRecord(**{**values, **changes})
+
+
+def _modes(folder: Path) -> dict[str, int]:
+    """Permission bits of `folder` (".") and of everything in it."""
+    return {
+        str(p.relative_to(folder)): p.stat().st_mode & 0o777 for p in [folder, *folder.rglob("*")]
+    }
+
+
+def _assert_private(folder: Path) -> None:
+    modes = _modes(folder)
+    assert {m for n, m in modes.items() if (folder / n).is_dir()} == {0o700}, modes
+    assert {m for n, m in modes.items() if not (folder / n).is_dir()} == {0o600}, modes
+
+
 def _jsonl(path: Path, cases: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(c) + "\n" for c in cases), encoding="utf-8")
     return path
@@ -121,9 +158,13 @@ def _jsonl(path: Path, cases: list[dict[str, Any]]) -> Path:
 def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A user data directory of this module's own: the registry lives under it."""
     root = tmp_path_factory.mktemp("finetune-home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("XDG_DATA_HOME", str(root))
-        yield root
+    umask = os.umask(0o022)  # the usual one: files 0644 unless the code says otherwise
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("XDG_DATA_HOME", str(root))
+            yield root
+    finally:
+        os.umask(umask)
 
 
 @pytest.fixture(scope="module")
@@ -199,17 +240,26 @@ def _cli() -> Callable[..., Ran]:
 
 
 @pytest.fixture(scope="module")
-def adapter_b(
-    tiny_model_dir: Path, registry: AdapterRegistry, tmp_path_factory: pytest.TempPathFactory
-) -> AdapterRecord:
-    """Trained through `coheara finetune` (its output is checked in a test below)."""
-    gold = _jsonl(tmp_path_factory.mktemp("gold-b") / "plain-b.jsonl", CASES_B)
+def gold_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _jsonl(tmp_path_factory.mktemp("gold-b") / "plain-b.jsonl", CASES_B)
+
+
+@pytest.fixture(scope="module")
+def adapter_b_run(tiny_model_dir: Path, registry: AdapterRegistry, gold_b: Path) -> Ran:
+    """`coheara finetune` training plain-b: what it printed."""
     ran = _cli()(
-        "finetune", "SLM-05", "--data", str(gold), "--base", str(tiny_model_dir),
+        "finetune", "SLM-05", "--data", str(gold_b), "--base", str(tiny_model_dir),
         "--name", "plain-b", "--steps", "3", "--lr", "2e-2", "--batch-size", "1",
         "--accumulate", "1", "--device", "cpu", "--seed", "1",
     )  # fmt: skip
     assert ran.returncode == 0, ran
+    return ran
+
+
+@pytest.fixture(scope="module")
+def adapter_b(adapter_b_run: Ran, registry: AdapterRegistry) -> AdapterRecord:
+    """Trained through `coheara finetune` (its output is checked in a test below)."""
+    ran = adapter_b_run
     record = registry.get("plain-b")
     assert ran.stdout.startswith("adapter plain-b for SLM-05: 3 steps, loss ")
     assert f"saved in {record.path}" in ran.stdout
@@ -294,6 +344,38 @@ def test_labels_are_masked_on_the_prompt_and_equal_the_answer(
     assert examples_a.examples[0].answer.startswith('{"plain_text":"Take metformin 500 mg two')
 
 
+def test_the_batch_the_trainer_builds_masks_the_prompt_and_the_padding(
+    tiny_model_dir: Path, examples_a: Any, tmp_path: Path
+) -> None:
+    """Finding 8: TRL's collator keeps our labels (-100 on the prompt) and pads with -100;
+    checked on the batch its own dataloader yields, two examples of unequal length."""
+    from coheara.finetune.train import load_base
+
+    examples = examples_a.examples
+    lengths = [len(e.input_ids) for e in examples]
+    assert len(examples) == 2 and lengths[0] != lengths[1]
+    model = load_base(tiny_model_dir, "cpu", qlora=False)
+    tokenizer = TransformersBackend(str(tiny_model_dir), device="cpu").tokenizer
+    config = TrainConfig(steps=1, batch_size=2, accumulation=1, device="cpu")
+    trainer = build_trainer(model, tokenizer, examples, config, tmp_path)
+    batch = next(iter(trainer.get_train_dataloader()))
+    width = max(lengths)
+    assert tuple(batch["input_ids"].shape) == tuple(batch["labels"].shape) == (2, width)
+    seen = []
+    for row in range(2):
+        ids = batch["input_ids"][row].tolist()
+        labels = batch["labels"][row].tolist()
+        example = next(e for e in examples if ids[: len(e.input_ids)] == e.input_ids)
+        seen.append(example.case_id)
+        n, prompt = len(example.input_ids), example.prompt_tokens
+        assert 0 < prompt < n
+        assert labels[:prompt] == [IGNORE] * prompt  # the prompt: no loss
+        assert labels[prompt:n] == example.input_ids[prompt:]  # the answer and <end_of_turn>
+        assert labels[n:] == [IGNORE] * (width - n)  # the padding: no loss
+        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (width - n)
+    assert sorted(seen) == ["plain-a1", "plain-a2"]
+
+
 async def test_training_prompt_equals_what_the_backend_renders_for_the_live_request(
     tiny_model_dir: Path, examples_a: Any
 ) -> None:
@@ -358,6 +440,28 @@ def test_qlora_without_cuda_is_one_configuration_line(
     )  # fmt: skip
     assert ran.returncode == 3
     assert ran.stderr.count("\n") == 1 and "QLoRA needs a CUDA GPU" in ran.stderr
+
+
+def test_one_list_of_vision_markers_refused_by_training_and_by_the_vllm_export(
+    tmp_path: Path,
+) -> None:
+    """Finding 6: training and export refuse the same markers (train.py lacked `visual.`)."""
+    import coheara.finetune.export as export_module
+    import coheara.finetune.train as train_module
+    from coheara.finetune.data import Example
+
+    for module in (train_module, export_module):
+        assert getattr(module, "VISION_MARKERS", VISION_MARKERS) is VISION_MARKERS
+    example = Example("c1", "p", "a", [2, 5, 6], [IGNORE, 5, 6])
+    stub = type("Stub", (), {"device": "cpu"})()  # refused before any model is touched
+    for marker in VISION_MARKERS:
+        targets = f".*{marker}.*q_proj"
+        config = TrainConfig(lora=LoraSettings(target_modules=targets), device="cpu")
+        with pytest.raises(InvalidRequestError, match="LoRA on the vision tower"):
+            train_model(stub, None, [example], tmp_path / "never", config)
+        problems = vllm_problems({"peft_type": "LORA", "target_modules": targets}, [])
+        assert len(problems) == 1 and marker.rstrip(".") in problems[0]
+    assert not (tmp_path / "never").exists()
 
 
 # ----- serving: several adapters on one base, chosen per request ---------------------------
@@ -456,6 +560,99 @@ async def test_remote_backends_refuse_an_adapter_with_the_vllm_hint() -> None:
         await backend.aclose()
 
 
+async def test_a_backend_given_no_adapters_folder_has_no_adapters(
+    tiny_model_dir: Path, registry: AdapterRegistry, adapter_a: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding 1: the backend never reads the settings; the folder is handed to it."""
+    from coheara.backends.selection import create_backend
+
+    monkeypatch.setenv("COHEARA_ADAPTERS_DIR", str(registry.folder))  # plain-a is there
+    backend = TransformersBackend(str(tiny_model_dir), device="cpu")
+    try:
+        with pytest.raises(InvalidRequestError, match="no adapters configured") as caught:
+            await backend.chat(_request("plain-a"))
+    finally:
+        await backend.aclose()
+    assert "\n" not in str(caught.value)
+    settings = Settings(
+        backend="transformers",
+        transformers_model=str(tiny_model_dir),
+        transformers_device="cpu",
+        adapters_dir=registry.folder,
+    )
+    made = create_backend(settings)
+    assert isinstance(made, TransformersBackend) and made._adapters_dir == registry.folder
+
+
+def test_layers_below_fine_tuning_never_import_it() -> None:
+    """Finding 1: the backend, engine, task and audit layers read the registry from
+    `coheara.adapters`, which imports nothing of Coheara but errors and private files."""
+    import ast
+
+    import coheara
+
+    root = Path(coheara.__file__).parent
+
+    def imported(file: Path) -> set[str]:
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+        return names
+
+    lower = [root / "adapters.py"]
+    for package in ("backends", "engine", "tasks", "audit", "imaging"):
+        lower.extend(sorted((root / package).rglob("*.py")))
+    offenders = [
+        f"{file.relative_to(root)}: {name}"
+        for file in lower
+        for name in imported(file)
+        if name.startswith("coheara.finetune") or name.startswith("coheara.evaluation")
+    ]
+    assert offenders == []
+    assert {n for n in imported(root / "adapters.py") if n.startswith("coheara")} == {
+        "coheara.errors",
+        "coheara.private_files",
+    }
+    assert "load_settings" not in (root / "backends" / "transformers_backend.py").read_text()
+
+
+async def test_a_call_with_an_adapter_is_audited_with_its_name(
+    served: TransformersBackend, adapter_a: Any, tmp_path: Path
+) -> None:
+    """Finding 7: the trail names the adapter that made a draft, hashed into the chain and
+    in the FHIR AuditEvent; a call on the base names none."""
+    from coheara.audit import AuditLog, AuditStore, verify
+    from coheara.audit.export import audit_event
+
+    engine = Engine(served, Settings())  # not closed: `served` belongs to the module
+    path = tmp_path / "audit.sqlite3"
+    with AuditLog.open(path) as log:
+        log.attach(engine)
+        adapted = await engine.generate(
+            PROMPT, options=GenerationOptions(max_tokens=3, adapter="plain-a")
+        )
+        await engine.generate(PROMPT, options=GenerationOptions(max_tokens=3))
+        assert log.flush()
+        key = log.key
+    store = AuditStore(path, readonly=True)
+    try:
+        with store.snapshot() as (records, head):
+            assert verify(records, head, key).intact
+        first, second = store.iter_records()
+    finally:
+        store.close()
+    assert (first.adapter, second.adapter) == ("plain-a", None)
+    assert first.outcome == second.outcome == "ok"
+    assert first.output_tokens == adapted.output_tokens and first.model == str(served.model)
+    details = {d["type"]["coding"][0]["code"]: d for d in audit_event(first)["entity"][0]["detail"]}
+    assert details["adapter"]["valueString"] == "plain-a"
+    base_details = audit_event(second)["entity"][0]["detail"]
+    assert "adapter" not in {d["type"]["coding"][0]["code"] for d in base_details}
+
+
 # ----- export --------------------------------------------------------------------------
 
 
@@ -477,6 +674,8 @@ def test_vllm_export_has_the_adapter_files_base_and_targets(
     assert all(torch.equal(exported[k], original[k]) for k in exported)
     assert f"--lora-modules plain-a={done.folder}" in done.next_step
     assert "--max-lora-rank 16" in done.next_step
+    _assert_private(done.folder)  # finding 4
+    assert set(_modes(done.folder)) == {".", *done.files}
     # An adapter with LoRA on the vision tower would be served without it by vLLM: refused.
     vision = tmp_path / "vision-adapter"
     shutil.copytree(record.path, vision)
@@ -508,6 +707,7 @@ def test_merged_export_loads_and_matches_the_adapter_model(
     assert torch.allclose(folded, adapted, atol=1e-4)
     assert (folded - plain).abs().max() > 1e-2  # the adapter is in the weights
     assert "coheara model setup --from" in done.next_step
+    _assert_private(done.folder)  # finding 4
 
 
 # ----- the registry through the CLI -----------------------------------------------------
@@ -565,6 +765,236 @@ def test_cli_list_show_attach_metrics_remove(
     unknown = run("adapters", "show", "nope")
     assert unknown.returncode == 4
     assert unknown.stderr.count("\n") == 1 and "registered: plain-a, plain-b" in unknown.stderr
+
+
+def test_finetune_suggests_an_eval_command_that_parses(
+    adapter_b_run: Ran, tiny_model_dir: Path
+) -> None:
+    """Finding 2: the gold set is `coheara eval`'s argument, not a --gold option."""
+    import shlex
+
+    from coheara.cli.eval import eval_command
+
+    lines = [line for line in adapter_b_run.stderr.splitlines() if line.startswith("next: ")]
+    assert lines == [
+        f"next: coheara eval GOLD.jsonl --task SLM-05 --backend transformers --model "
+        f"{tiny_model_dir} --adapter plain-b, then coheara adapters attach-metrics plain-b "
+        "RUN/report.json"
+    ]
+    suggested = lines[0].removeprefix("next: coheara eval ").split(", then ")[0]
+    app = typer.Typer(add_completion=False)
+    app.command()(eval_command)
+    parsed = typer.main.get_command(app).make_context("eval", shlex.split(suggested)).params
+    assert [str(p) for p in parsed["gold"]] == ["GOLD.jsonl"]
+    assert parsed["task"] == ["SLM-05"] and parsed["adapter"] == ["plain-b"]
+    assert (parsed["backend"], parsed["model"]) == ("transformers", str(tiny_model_dir))
+
+
+def test_adapters_are_this_users_only(
+    registry: AdapterRegistry, adapter_a: Any, adapter_b: AdapterRecord
+) -> None:
+    """Finding 4: the adapters folder and each adapter's folder 0700, their files 0600
+    (the umask is 022 here), through the Python API and the CLI; no training leftovers."""
+    assert registry.folder.stat().st_mode & 0o777 == 0o700
+    assert registry.folder.parent.stat().st_mode & 0o777 == 0o700  # coheara/, made here
+    for folder in (Path(adapter_a[1].path), Path(adapter_b.path)):
+        _assert_private(folder)
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= set(_modes(folder))
+    assert not [p.name for p in registry.folder.iterdir() if p.name.endswith(".partial")]
+
+
+def test_replace_never_deletes_another_adapters_files(
+    registry: AdapterRegistry,
+    adapter_a: Any,
+    adapter_b: AdapterRecord,
+    tiny_model_dir: Path,
+    gold_a: Path,
+) -> None:
+    """Finding 3: `--replace --out` another adapter's folder is refused before training,
+    for a registered name and a new one alike; nothing is deleted."""
+    run = _cli()
+    folder = Path(adapter_a[1].path)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    for name in ("plain-b", "plain-new"):
+        ran = run(
+            "finetune", "SLM-05", "--data", str(gold_a), "--base", str(tiny_model_dir),
+            "--name", name, "--replace", "--out", str(folder), "--steps", "1", "--device", "cpu",
+        )  # fmt: skip
+        assert ran.returncode == 4, ran
+        assert ran.stderr.count("\n") == 1
+        assert f"--replace will not delete {folder}: it holds adapter 'plain-a'" in ran.stderr
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert registry.find("plain-new") is None
+    kept = registry.get("plain-b")
+    assert (kept.created, kept.path, kept.steps) == (adapter_b.created, adapter_b.path, 3)
+
+
+def test_replace_target_rules(tmp_path: Path) -> None:
+    """Finding 3, each rule: this name's registered folder or default folder only, and
+    never one holding (or inside) another adapter's files."""
+    from coheara.cli.finetune import _check_target
+
+    registry = AdapterRegistry(tmp_path / "adapters")
+    registry.add(_record("mine", registry.folder / "kept-elsewhere"))
+    registry.add(_record("other", registry.folder / "other"))
+    registry.add(_record("nested", registry.folder / "fresh" / "nested"))
+    for name in ("mine", "kept-elsewhere", "other", "stray", "fresh/nested", "empty"):
+        (registry.folder / name).mkdir(parents=True, exist_ok=True)
+        if name != "empty":
+            (registry.folder / name / "adapter_config.json").write_text("{}")
+    mine = registry.get("mine")
+
+    def check(name: str, folder: str, replace: bool = True) -> None:
+        target = (registry.folder / folder).resolve()
+        _check_target(registry, name, registry.find(name), target, replace)
+
+    check("mine", "mine")  # its default folder
+    check("mine", "kept-elsewhere")  # the folder registered for it
+    check("stray", "stray")  # a new name's default folder
+    check("mine", "empty", replace=False)  # an empty folder needs no --replace
+    check("mine", "absent", replace=False)
+    refusals = {
+        ("mine", "other"): "it holds adapter 'other'",
+        ("mine", "stray"): "it is not 'mine''s folder",
+        ("fresh", "fresh"): "it holds adapter 'nested'",  # its default folder, someone inside
+        ("other", "fresh/nested"): "it holds adapter 'nested'",
+        ("mine", "."): "it holds the adapter registry",  # the adapters folder itself
+        ("mine", ".."): "it holds the adapter registry",
+    }
+    for (name, folder), why in refusals.items():
+        with pytest.raises(InvalidRequestError, match="--replace will not delete") as caught:
+            check(name, folder)
+        assert why in caught.value.message
+    with pytest.raises(InvalidRequestError, match="exists and is not empty"):
+        check("mine", "mine", replace=False)
+    assert registry.get("mine") == mine
+
+
+VALID_ROW = _record("plain-a", "/adapters/plain-a").to_dict()
+
+
+def _deep(levels: int) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for _ in range(levels - 1):
+        value = {"m": value}
+    return value
+
+
+def _document(*rows: Any, **top: Any) -> bytes:
+    return json.dumps({"format": 1, "adapters": list(rows), **top}).encode("utf-8")
+
+
+HOSTILE: dict[str, tuple[bytes, str]] = {
+    "name-a-number": (_document({**VALID_ROW, "name": 5}), "adapters[0]: name is not a string"),
+    "row-not-an-object": (
+        _document(VALID_ROW, ["plain-b"]),
+        "adapters[1]: the record is not an object",
+    ),
+    "deep-nesting": (
+        b'{"format": 1, "adapters": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        "it nests too deeply",
+    ),
+    "invalid-utf8": (b'{"format": 1, "adapters": [{"name": "plain-\xff"}]}', "it is not UTF-8"),
+    "lora-rank-a-string": (
+        _document({**VALID_ROW, "lora": {**VALID_ROW["lora"], "rank": "16"}}),
+        "adapters[0]: lora.rank is not an integer",
+    ),
+    "lora-dropout-a-boolean": (
+        _document({**VALID_ROW, "lora": {**VALID_ROW["lora"], "dropout": True}}),
+        "adapters[0]: lora.dropout is not a number",
+    ),
+    "lora-a-list": (
+        _document({**VALID_ROW, "lora": [16, 16]}),
+        "adapters[0]: lora is not an object",
+    ),
+    "lora-unknown-field": (
+        _document({**VALID_ROW, "lora": {"rank": 16, "use_dora": True}}),
+        "adapters[0]: unknown field 'lora.use_dora'",
+    ),
+    "qlora-a-string": (
+        _document({**VALID_ROW, "qlora": "no"}),
+        "adapters[0]: qlora is not a boolean",
+    ),
+    "loss-infinite": (
+        _document({**VALID_ROW, "final_loss": float("inf")}),
+        "adapters[0]: final_loss is not a finite number",
+    ),
+    "path-missing": (
+        _document({k: v for k, v in VALID_ROW.items() if k != "path"}),
+        "adapters[0]: path is missing",
+    ),
+    "name-a-path": (
+        _document({**VALID_ROW, "name": "../../etc"}),
+        "adapters[0]: name is not a valid adapter name",
+    ),
+    "metrics-nested-deep": (
+        _document({**VALID_ROW, "metrics": _deep(40)}),
+        "adapters[0]: metrics nests deeper than 32 levels",
+    ),
+    "adapters-not-a-list": (_document(adapters={}), "it has no list of adapters"),
+    "another-format": (_document(VALID_ROW, format=2), "its format is not 1"),
+    "not-json": (b'{"adapters": [', "it is not JSON (line 1)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_a_damaged_registry_is_one_configuration_line(case: str, tmp_path: Path) -> None:
+    """Finding 5: what is wrong and where, naming the file; never a value, a traceback."""
+    content, why = HOSTILE[case]
+    registry = AdapterRegistry(tmp_path)
+    registry.path.write_bytes(content)
+    with pytest.raises(ConfigurationError) as caught:
+        registry.find("plain-a")
+    error = caught.value
+    assert error.message == f"the adapter registry {registry.path} is not valid: {why}"
+    assert "\n" not in str(error) and "restore it" in str(error)
+
+
+def test_a_valid_record_reads_back_equal(tmp_path: Path) -> None:
+    metrics = {"adapter": {"schema_valid": 1.0, "strata": {"tag": {"n": 2}}}, "run": "r1"}
+    record = _record("plain-a", tmp_path / "plain-a", metrics=metrics, extra={"seed": 0})
+    registry = AdapterRegistry(tmp_path)
+    registry.add(record)
+    assert registry.records() == [record]
+    assert AdapterRecord.from_dict(record.to_dict()) == record
+    with pytest.raises(ConfigurationError, match=r"^invalid adapter record: name is not a string$"):
+        AdapterRecord.from_dict({**record.to_dict(), "name": 5})
+
+
+@pytest.mark.parametrize("case", ["name-a-number", "deep-nesting", "lora-rank-a-string"])
+async def test_a_damaged_registry_through_the_cli_a_task_and_the_backend(
+    case: str, tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding 5: the same one line where a registry is read: `coheara adapters`,
+    `coheara finetune`, a task request naming an adapter, the backend."""
+    from coheara.finetune.data import RecordingBackend
+
+    content, why = HOSTILE[case]
+    folder = tmp_path / "adapters"
+    folder.mkdir()
+    (folder / "registry.json").write_bytes(content)
+    expected = f"the adapter registry {folder / 'registry.json'} is not valid: {why}"
+    monkeypatch.setenv("COHEARA_ADAPTERS_DIR", str(folder))
+    run = _cli()
+    finetune = ("finetune", "SLM-05", "--data", "x.jsonl", "--base", "m", "--name", "plain-a")
+    for args in (("adapters", "list"), ("adapters", "show", "plain-a"), finetune):
+        ran = run(*args)
+        assert ran.returncode == 3, (args, ran)
+        assert ran.stderr.count("\n") == 1 and ran.stderr.startswith(f"error: {expected} (")
+
+    recorder = RecordingBackend("{}", 8192)
+    request = {**CASES_A[0]["request"], "adapter": "plain-a"}
+    with pytest.raises(ConfigurationError) as caught:
+        await run_task(Engine(recorder, Settings(adapters_dir=folder)), request, task="SLM-05")
+    assert caught.value.message == expected and recorder.requests == []
+
+    backend = TransformersBackend(str(tiny_model_dir), device="cpu", adapters_dir=folder)
+    try:
+        with pytest.raises(ConfigurationError) as caught:
+            await backend.chat(_request("plain-a"))
+    finally:
+        await backend.aclose()
+    assert caught.value.message == expected
 
 
 def test_cli_finetune_output_and_remove(

@@ -114,8 +114,15 @@ def parse_key(key: str | None) -> tuple[str, bytes] | None:
     match = _KEY.fullmatch(key)
     if match is None:
         return None
-    secret = base64.urlsafe_b64decode(match.group(2) + "=")
-    return (match.group(1), secret) if len(secret) == SECRET_BYTES else None
+    encoded = match.group(2)
+    secret = base64.urlsafe_b64decode(encoded + "=")
+    if len(secret) != SECRET_BYTES:
+        return None
+    # The last of 43 characters carries 2 unused bits: only the canonical spelling of a
+    # secret is its key (else 4 different strings would all be the same key).
+    if base64.urlsafe_b64encode(secret).decode("ascii").rstrip("=") != encoded:
+        return None
+    return match.group(1), secret
 
 
 class Keyring:

@@ -4,9 +4,9 @@ One AuditEvent per record: `action` E (execute), `occurredPeriod` the call, `out
 the FHIR severity code with Coheara's stable code beside it, the calling client and
 the model as agents (the model's `network` is the endpoint that answered), Coheara as
 the source, and the request as the entity, whose `detail` carries everything else
-(task, tokens, timings, validation flags, digests, failovers and the chain links), so
-an export holds the whole record and no patient data. Retained content is never
-exported.
+(task, tokens, timings, validation flags, digests, failovers, the LoRA adapter and the
+chain links), so an export holds the whole record and no patient data. Retained content
+is never exported.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ _DETAILS: tuple[tuple[str, str], ...] = (
     ("image_digests", "valueString"),
     ("endpoint", "valueString"),
     ("failovers", "valueInteger"),
+    ("adapter", "valueString"),
     ("prev_hash", "valueString"),
     ("record_hash", "valueString"),
 )

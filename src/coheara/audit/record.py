@@ -62,6 +62,9 @@ class AuditRecord:
     """Which backend endpoint answered (a replica's URL, without credentials; version 3)."""
     failovers: int | None = None
     """How many endpoints failed before the one that answered (version 3)."""
+    adapter: str | None = None
+    """The LoRA adapter the call asked for, by its registered name; None: the base model
+    alone (version 4)."""
     prev_hash: str = ""
     record_hash: str = ""
 
@@ -117,6 +120,7 @@ def build(
         error_class=error_class,
         input_digest=key.input_digest(turns, call.schema, image_digests) if turns else None,
         image_digests=json.dumps(image_digests, separators=(",", ":")) if image_digests else None,
+        adapter=key.token(call.adapter),
     )
     if result is not None:
         record.prompt_tokens = result.prompt_tokens

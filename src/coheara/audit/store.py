@@ -94,6 +94,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         _CONTENT_V3,
         "CREATE INDEX content_time ON content (time)",
     ),
+    # 4: the LoRA adapter a call asked for (null: the base model; older records have none).
+    ("ALTER TABLE records ADD COLUMN adapter TEXT",),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 BUSY_TIMEOUT_S = 10.0

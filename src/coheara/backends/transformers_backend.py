@@ -10,8 +10,9 @@ away.
 Structured output is constrained token by token with xgrammar, so even random
 weights produce schema-valid JSON.
 
-LoRA adapters: a request naming a registered adapter (`GenerationOptions.adapter`, see
-`coheara.finetune.adapters`) runs with it. Adapters load onto the one base model with
+LoRA adapters: a request naming an adapter registered in the backend's adapters folder
+(`GenerationOptions.adapter`, see `coheara.adapters`; the folder is given, never read from
+the settings here) runs with it. Adapters load onto the one base model with
 PEFT, several side by side, on first use; each generation activates its own (or disables
 them all for the base). The one worker thread makes the switch safe: no generation runs
 while another changes the active adapter.
@@ -55,6 +56,7 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as hf_logging
 
 from coheara import model_facts
+from coheara.adapters import AdapterRecord, AdapterRegistry, base_fingerprint, model_folder
 from coheara.backends.base import (
     Backend,
     Capabilities,
@@ -299,7 +301,8 @@ class TransformersBackend(Backend):
         self._grammars: OrderedDict[str, Any] = OrderedDict()
         self._capabilities: Capabilities | None = None
         self._adapters_dir = Path(adapters_dir) if adapters_dir is not None else None
-        """The adapter registry's folder; None: the configured one (COHEARA_ADAPTERS_DIR)."""
+        """The adapter registry's folder (`create_backend` passes COHEARA_ADAPTERS_DIR);
+        None: no adapters, and a request naming one is refused."""
         self._loaded_adapters: dict[str, str] = {}
         """Adapter name -> the registry stamp of what was loaded under it."""
         self._fingerprint: str | None = None
@@ -545,20 +548,17 @@ class TransformersBackend(Backend):
 
     # ----- adapters ---------------------------------------------------------------------
 
-    def _adapter_registry(self) -> Any:
-        from coheara.finetune.adapters import AdapterRegistry
-
-        folder = self._adapters_dir
-        if folder is None:
-            from coheara.settings import load_settings
-
-            folder = load_settings().adapters_dir
-        return AdapterRegistry(folder)
+    def _adapter_registry(self, name: str) -> AdapterRegistry:
+        if self._adapters_dir is None:
+            raise InvalidRequestError(
+                f"adapter {name[:64]!r} asked for, but this backend has no adapters configured",
+                hint="build the engine from the settings (COHEARA_ADAPTERS_DIR), or pass "
+                "adapters_dir to TransformersBackend",
+            )
+        return AdapterRegistry(self._adapters_dir)
 
     def _base_fingerprint(self) -> str:
         if self._fingerprint is None:
-            from coheara.finetune.adapters import base_fingerprint, model_folder
-
             folder = None if self._in_memory else model_folder(self.model)
             if folder is None:
                 raise ConfigurationError(
@@ -568,9 +568,9 @@ class TransformersBackend(Backend):
             self._fingerprint = base_fingerprint(folder)
         return self._fingerprint
 
-    def _adapter_record(self, name: str) -> Any:
+    def _adapter_record(self, name: str) -> AdapterRecord:
         """The registered adapter `name`, checked against this backend's base model."""
-        record = self._adapter_registry().get(name)
+        record = self._adapter_registry(name).get(name)
         if record.base_fingerprint != self._base_fingerprint():
             raise ConfigurationError(
                 f"adapter {record.name!r} was trained on another base model ({record.base_model})"
@@ -601,7 +601,7 @@ class TransformersBackend(Backend):
         self._peft.set_adapter(record.name)
         return contextlib.nullcontext()
 
-    def _load_adapter(self, model: Any, record: Any) -> None:
+    def _load_adapter(self, model: Any, record: AdapterRecord) -> None:
         """Inject the adapter's LoRA layers into the base model, beside any others."""
         try:
             from peft import PeftModel

@@ -146,7 +146,7 @@ def _run(
     settings = settings_for(backend)
     variants = [BASE] if base else []
     if adapters:
-        from coheara.finetune.adapters import AdapterRegistry
+        from coheara.adapters import AdapterRegistry
 
         registry = AdapterRegistry(settings.adapters_dir)
         for name in adapters:  # an unknown name stops here, before any case runs

@@ -14,7 +14,9 @@ backend.
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,9 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from coheara.cli.common import err_console, write
-from coheara.errors import InvalidRequestError, ModelNotFoundError
-from coheara.finetune.adapters import (
+from coheara.adapters import (
     AdapterRecord,
     AdapterRegistry,
     LoraSettings,
@@ -33,7 +33,10 @@ from coheara.finetune.adapters import (
     check_name,
     model_folder,
     now,
+    private_folder,
 )
+from coheara.cli.common import err_console, write
+from coheara.errors import InvalidRequestError, ModelNotFoundError
 from coheara.settings import load_settings
 
 adapters_app = typer.Typer(
@@ -90,7 +93,8 @@ def finetune_command(
     settings = load_settings()
     registry = AdapterRegistry(settings.adapters_dir)
     check_name(name)
-    if registry.find(name) is not None and not replace:
+    existing = registry.find(name)
+    if existing is not None and not replace:
         raise InvalidRequestError(
             f"an adapter named {name!r} is registered already",
             hint="choose another --name, or pass --replace",
@@ -108,10 +112,7 @@ def finetune_command(
             hint="download it first (hf download ... --local-dir DIR) and pass --base DIR",
         )
     target = (out or registry.default_folder(name)).expanduser().resolve()
-    if target.exists() and any(target.iterdir()) and not (replace and _managed(registry, target)):
-        raise InvalidRequestError(
-            f"{target} exists and is not empty", hint="give a new --out folder"
-        )
+    _check_target(registry, name, existing, target, replace)
 
     from coheara.backends.transformers_backend import TransformersBackend
     from coheara.finetune.data import build_training_set
@@ -136,8 +137,12 @@ def finetune_command(
         seed=seed,
         device=device,
     )
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    # Trained into a fresh hidden 0700 folder beside the target (a name no adapter can
+    # have, so no other adapter's folder), which then replaces it.
+    private_folder(target.parent)
+    partial = Path(
+        tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+    )
 
     def progress(step: int, loss: float) -> None:
         err_console.print(f"step {step}{f'/{steps}' if steps else ''}: loss {loss:.4f}")
@@ -146,7 +151,8 @@ def finetune_command(
         result = training.train(
             base_folder, training_set.examples, partial, config, progress=progress
         )
-        if target.exists():
+        if target.exists():  # checked again: another run may have registered since
+            _check_target(registry, name, registry.find(name), target, replace)
             shutil.rmtree(target)
         partial.rename(target)
     finally:
@@ -186,16 +192,66 @@ def finetune_command(
         f"{_loss(record.first_loss)} -> {_loss(record.final_loss)}, "
         f"{result.trainable_parameters:,} trainable parameters, saved in {record.path}\n"
     )
-    err_console.print(
-        f"next: coheara eval --gold GOLD.jsonl --backend transformers --model {escape(base)} "
-        f"--adapter {escape(name)}, then coheara adapters attach-metrics {escape(name)} "
-        "RUN/report.json",
-        soft_wrap=True,
+    err_console.print(escape(next_step(record.task, base, record.name)), soft_wrap=True)
+
+
+def next_step(task: str, base: str, name: str) -> str:
+    """What to run after training: `coheara eval` on a held-out gold set of the task, base
+    and adapter in one run, then keep its metrics in the registry."""
+    return (
+        f"next: coheara eval GOLD.jsonl --task {task} --backend transformers "
+        f"--model {shlex.quote(base)} --adapter {name}, then "
+        f"coheara adapters attach-metrics {name} RUN/report.json"
     )
 
 
-def _managed(registry: AdapterRegistry, folder: Path) -> bool:
-    return folder.parent == registry.folder.resolve()
+def _check_target(
+    registry: AdapterRegistry,
+    name: str,
+    existing: AdapterRecord | None,
+    target: Path,
+    replace: bool,
+) -> None:
+    """Refuse a target folder that holds anything but this adapter's own files: a folder
+    that is not empty may be replaced (--replace) only when it is the one registered for
+    this name, or this name's default folder, and no other adapter's files are in it."""
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise InvalidRequestError(f"{target} exists and is not a folder", hint="give a new --out")
+    if not any(target.iterdir()):
+        return
+    if not replace:
+        raise InvalidRequestError(
+            f"{target} exists and is not empty", hint="give a new --out folder"
+        )
+    own = {registry.default_folder(name).resolve()}
+    if existing is not None:
+        own.add(Path(existing.path).expanduser().resolve())
+    others = [
+        record.name
+        for record in registry.records()
+        if record.name.lower() != name.lower() and _overlaps(Path(record.path), target)
+    ]
+    home = registry.folder.expanduser().resolve()
+    if target == home or target in home.parents:
+        whose = "it holds the adapter registry"
+    elif others:
+        whose = f"it holds adapter {others[0]!r}"
+    elif target not in own:
+        whose = f"it is not {name!r}'s folder"
+    else:
+        return
+    raise InvalidRequestError(
+        f"--replace will not delete {target}: {whose}",
+        hint="give a new or empty --out folder, or leave --out out",
+    )
+
+
+def _overlaps(path: Path, target: Path) -> bool:
+    """Whether deleting `target` would delete anything of `path` (or the reverse)."""
+    path = path.expanduser().resolve()
+    return path == target or target in path.parents or path in target.parents
 
 
 def _loss(value: float | None) -> str:

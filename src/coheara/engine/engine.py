@@ -213,6 +213,7 @@ class Engine:
     ) -> AsyncGenerator[StreamChunk, None]:
         """Every mode, streaming: text deltas, then one chunk whose `result` is set."""
         record = _Record(time.time(), time.perf_counter(), call_context(), schema)
+        record.adapter = options.adapter if options is not None else None
         try:
             inner = self._stream(
                 record, prompt, system, images, messages, schema, options, max_tokens
@@ -660,6 +661,8 @@ class CallRecord:
     turns: tuple[Message, ...]
     schema: Any
     result: GenerationResult | None
+    adapter: str | None = None
+    """The LoRA adapter the call asked for (`GenerationOptions.adapter`); None: the base."""
 
 
 @dataclass
@@ -671,6 +674,7 @@ class _Record:
     turns: tuple[Message, ...] = ()
     result: GenerationResult | None = None
     error: BaseException | None = None
+    adapter: str | None = None
 
     def finish(self) -> CallRecord:
         if self.result is not None and isinstance(
@@ -694,6 +698,7 @@ class _Record:
             turns=self.turns,
             schema=self.schema,
             result=self.result,
+            adapter=self.adapter,
         )
 
 

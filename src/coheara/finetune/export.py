@@ -22,15 +22,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from coheara.adapters import (
+    AdapterRecord,
+    base_fingerprint,
+    make_private,
+    model_folder,
+    private_folder,
+    vision_markers,
+)
 from coheara.errors import ConfigurationError, InvalidRequestError
-from coheara.finetune.adapters import AdapterRecord, base_fingerprint, model_folder
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 RECORD_FILE = "coheara_adapter.json"
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The values vLLM's --max-lora-rank accepts."""
-VISION_MARKERS = ("vision_tower", "multi_modal_projector", "vision_model", "visual.")
 
 
 @dataclass(frozen=True)
@@ -42,12 +48,14 @@ class Exported:
 
 
 def _empty_target(out: Path) -> Path:
+    """A new or empty folder, this user's only (an adapter may have memorized drafts)."""
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InvalidRequestError(
             f"{out} exists and is not an empty folder", hint="give a new or empty folder"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    private_folder(out)
+    out.chmod(0o700)
     return out
 
 
@@ -82,7 +90,7 @@ def vllm_problems(config: dict[str, Any], tensor_names: list[str]) -> list[str]:
         problems.append(f"fully trained modules {config['modules_to_save']} (modules_to_save)")
     targets = config.get("target_modules") or []
     text = targets if isinstance(targets, str) else " ".join(map(str, targets))
-    vision = sorted({m for m in VISION_MARKERS if m in text} | _vision_tensors(tensor_names))
+    vision = sorted(set(vision_markers(text)) | _vision_tensors(tensor_names))
     if vision:
         problems.append(
             "LoRA on the vision tower or projector ("
@@ -93,7 +101,7 @@ def vllm_problems(config: dict[str, Any], tensor_names: list[str]) -> list[str]:
 
 
 def _vision_tensors(names: list[str]) -> set[str]:
-    return {m for name in names for m in VISION_MARKERS if m in name}
+    return {m for name in names for m in vision_markers(name)}
 
 
 def _tensor_names(weights: Path) -> list[str]:
@@ -122,6 +130,7 @@ def export_vllm(record: AdapterRecord, out: Path) -> Exported:
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     shutil.copyfile(weights, out / ADAPTER_WEIGHTS)
     _write_record(out, record, "vllm")
+    make_private(out)
     rank = int(config.get("r", record.lora.rank))
     return Exported(
         out,
@@ -201,6 +210,7 @@ def export_merged(record: AdapterRecord, out: Path, dtype: str = "auto") -> Expo
     if (base_folder / MARKER_FILE).is_file():  # still the random test model: say so
         shutil.copyfile(base_folder / MARKER_FILE, out / MARKER_FILE)
     _write_record(out, record, "merged")
+    make_private(out)
     return Exported(
         out,
         sorted(p.name for p in out.iterdir()),

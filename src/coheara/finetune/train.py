@@ -24,16 +24,15 @@ import importlib.util
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from coheara.adapters import LoraSettings, make_private, private_folder, vision_markers
 from coheara.errors import BackendError, ConfigurationError, InvalidRequestError
-from coheara.finetune.adapters import LoraSettings
 from coheara.finetune.data import Example
 
 LANGUAGE_MODEL_MARKER = "language_model"
-VISION_MARKERS = ("vision_tower", "multi_modal_projector", "vision_model")
 
 
 @dataclass(frozen=True)
@@ -228,31 +227,30 @@ def train(
     return train_model(model, tokenizer, examples, out_dir, config, progress=progress)
 
 
-def train_model(
+def build_trainer(
     model: Any,
     tokenizer: Any,
     examples: Sequence[Example],
-    out_dir: Path,
     config: TrainConfig,
+    scratch: Path,
     *,
-    progress: Callable[[int, float], None] | None = None,
-) -> TrainResult:
-    """`train` on a model already loaded (bench/finetune_gpu.py's full-size random one)."""
+    callbacks: Sequence[Any] = (),
+) -> Any:
+    """TRL's SFTTrainer over `examples`, LoRA on the language model, writing its scratch
+    files in `scratch`. The dataset carries our own labels (-100 on the prompt): TRL's
+    collator keeps given labels as they are and pads them with -100 (checked by a test on
+    the batch it builds)."""
     require_extra()
-    import tempfile
-
-    import torch
     from datasets import Dataset
-    from transformers import PrinterCallback, TrainerCallback, set_seed
+    from transformers import PrinterCallback, set_seed
     from trl import SFTConfig, SFTTrainer
 
     if not examples:
         raise InvalidRequestError("no training examples")
-    device = str(model.device)
-    cuda = device.startswith("cuda")
+    cuda = str(model.device).startswith("cuda")
     set_seed(config.seed)
     targets = config.lora.target_modules or language_model_targets(model)
-    if any(marker in targets for marker in VISION_MARKERS):
+    if vision_markers(targets):
         raise InvalidRequestError(
             "LoRA on the vision tower is not trained: vLLM cannot serve it",
             hint="target the language model's linear layers (the default)",
@@ -263,32 +261,11 @@ def train_model(
             "labels": [e.labels for e in examples],
         }
     )
-    losses: list[float] = []
-    step_seconds: list[float] = []
-    clock = [0.0]
-
-    class _Losses(TrainerCallback):
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
-                if progress is not None:
-                    progress(int(state.global_step), float(logs["loss"]))
-
-        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if cuda:
-                torch.cuda.synchronize()
-            clock[0] = time.perf_counter()
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if cuda:
-                torch.cuda.synchronize()
-            step_seconds.append(time.perf_counter() - clock[0])
-
-    with tempfile.TemporaryDirectory(prefix="coheara-train-") as scratch, warnings.catch_warnings():
+    with warnings.catch_warnings():
         # transformers 5 renames gradient checkpointing; TRL still sets the old name.
         warnings.simplefilter("ignore", FutureWarning)
         args = SFTConfig(
-            output_dir=scratch,
+            output_dir=str(scratch),
             max_steps=config.steps if config.steps is not None else -1,
             num_train_epochs=config.epochs,
             per_device_train_batch_size=config.batch_size,
@@ -319,9 +296,62 @@ def train_model(
             train_dataset=dataset,
             processing_class=tokenizer,
             peft_config=lora_config(config.lora, targets),
-            callbacks=[_Losses()],
+            callbacks=list(callbacks),
         )
-        trainer.remove_callback(PrinterCallback)  # progress is the caller's to show
+    trainer.remove_callback(PrinterCallback)  # progress is the caller's to show
+    return trainer
+
+
+def train_model(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    out_dir: Path,
+    config: TrainConfig,
+    *,
+    progress: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """`train` on a model already loaded (bench/finetune_gpu.py's full-size random one)."""
+    require_extra()
+    import tempfile
+
+    import torch
+    from transformers import TrainerCallback
+
+    if not examples:
+        raise InvalidRequestError("no training examples")
+    device = str(model.device)
+    cuda = device.startswith("cuda")
+    # Found before the trainer wraps the model (its LoRA layers are linear layers too).
+    targets = config.lora.target_modules or language_model_targets(model)
+    config = replace(config, lora=replace(config.lora, target_modules=targets))
+    losses: list[float] = []
+    step_seconds: list[float] = []
+    clock = [0.0]
+
+    class _Losses(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+                if progress is not None:
+                    progress(int(state.global_step), float(logs["loss"]))
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if cuda:
+                torch.cuda.synchronize()
+            clock[0] = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if cuda:
+                torch.cuda.synchronize()
+            step_seconds.append(time.perf_counter() - clock[0])
+
+    with tempfile.TemporaryDirectory(prefix="coheara-train-") as scratch, warnings.catch_warnings():
+        # transformers 5 renames gradient checkpointing; TRL still sets the old name.
+        warnings.simplefilter("ignore", FutureWarning)
+        trainer = build_trainer(
+            model, tokenizer, examples, config, Path(scratch), callbacks=[_Losses()]
+        )
         started = time.perf_counter()
         try:
             trainer.train()
@@ -333,8 +363,10 @@ def train_model(
             ) from None
         seconds = time.perf_counter() - started
         peft_model: Any = trainer.model
-        out_dir.mkdir(parents=True, exist_ok=True)
+        # Learned from accepted drafts, it may have memorized them: this user's only.
+        private_folder(out_dir)
         peft_model.save_pretrained(str(out_dir))
+        make_private(out_dir)
         state = trainer.state
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())

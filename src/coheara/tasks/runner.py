@@ -256,8 +256,9 @@ def _add_usage(before: ExtractionResult, after: ExtractionResult) -> ExtractionR
 
 def _check_adapter_task(engine: Engine, spec: TaskSpec, name: str) -> None:
     """An adapter learned one task's prompt and schema: refuse it for another task. A name
-    the registry lacks is left to the backend (unknown there, or refused by a remote one)."""
-    from coheara.finetune.adapters import AdapterRegistry
+    the registry lacks is left to the backend (unknown there, or refused by a remote one).
+    A damaged registry is a ConfigurationError naming its file."""
+    from coheara.adapters import AdapterRegistry
 
     record = AdapterRegistry(engine.settings.adapters_dir).find(name)
     if record is not None and record.task != spec.id:

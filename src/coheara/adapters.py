@@ -12,8 +12,12 @@ file's safetensors header (tensor names, dtypes, shapes) and first MiB of tensor
 two checkpoints of one architecture differ there, and reading it costs milliseconds.
 
 The file is written as `coheara keys` writes keys.json: a 0600 temporary file in the same
-folder, then `os.replace`, under an exclusive lock. It holds no patient data. This module
-imports nothing heavy: the backend and the CLI read it without peft or torch.
+folder, then `os.replace`, under an exclusive lock. It holds no patient data, but the
+adapters beside it were learned from accepted drafts and may have memorized them: their
+folders are 0700 and their files 0600 (`private_folder`, `make_private`).
+
+This module sits low, beside the settings: the backend, the task layer and the CLI read
+it, and it imports nothing of theirs and nothing heavy (no peft, no torch).
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
+import os
 import re
 import struct
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,6 +42,11 @@ REGISTRY_FILE = "registry.json"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 """Also the model name vLLM serves an exported adapter under."""
 FINGERPRINT_DATA_BYTES = 1 << 20
+VISION_MARKERS = ("vision_tower", "multi_modal_projector", "vision_model", "visual.")
+"""Module-name parts of a vision tower or projector: LoRA there is never trained (vLLM
+applies LoRA to the language model of a multimodal model only) and never exported."""
+MAX_NESTING = 32
+"""How deep `metrics` and `extra` may nest in the registry (a report's metrics nest 3)."""
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -50,6 +61,11 @@ def check_name(name: str) -> str:
             hint="at most 64 letters, digits, '.', '_' or '-', starting with a letter or digit",
         )
     return name
+
+
+def vision_markers(text: str) -> list[str]:
+    """The vision markers in `text` (target modules, or tensor names), sorted."""
+    return sorted(marker for marker in VISION_MARKERS if marker in text)
 
 
 @dataclass(frozen=True)
@@ -94,9 +110,143 @@ class AdapterRecord:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, row: dict[str, Any]) -> AdapterRecord:
-        lora = LoraSettings(**row["lora"])
-        return cls(**{**row, "lora": lora})
+    def from_dict(cls, row: Any) -> AdapterRecord:
+        """A record from its JSON form, every field's type checked; ConfigurationError
+        (what is wrong and where, never a value) for anything else."""
+        try:
+            return _record(row)
+        except _Invalid as exc:
+            raise ConfigurationError(f"invalid adapter record: {exc}") from None
+
+
+# ----- reading a registry that may be damaged or hostile -------------------------------------
+
+
+class _Invalid(Exception):
+    """What makes a registry invalid, without any of its values."""
+
+
+_TEXT = "a string"
+_INTEGER = "an integer"
+_NUMBER = "a number"
+_FLAG = "a boolean"
+_OBJECT = "an object"
+_RECORD_KINDS: dict[str, tuple[str, bool]] = {
+    "name": (_TEXT, False),
+    "task": (_TEXT, False),
+    "base_model": (_TEXT, False),
+    "base_fingerprint": (_TEXT, False),
+    "data_file": (_TEXT, False),
+    "data_sha256": (_TEXT, False),
+    "cases": (_INTEGER, False),
+    "lora": (_OBJECT, False),
+    "qlora": (_FLAG, False),
+    "steps": (_INTEGER, False),
+    "epochs": (_NUMBER, False),
+    "learning_rate": (_NUMBER, False),
+    "first_loss": (_NUMBER, True),
+    "final_loss": (_NUMBER, True),
+    "created": (_TEXT, False),
+    "path": (_TEXT, False),
+    "metrics": (_OBJECT, True),
+    "extra": (_OBJECT, False),
+}
+"""Each field: its JSON kind and whether null is allowed."""
+_LORA_KINDS: dict[str, tuple[str, bool]] = {
+    "rank": (_INTEGER, False),
+    "alpha": (_INTEGER, False),
+    "dropout": (_NUMBER, False),
+    "target_modules": (_TEXT, False),
+}
+
+
+def _record(row: Any) -> AdapterRecord:
+    values = _checked(row, AdapterRecord, _RECORD_KINDS, "")
+    if not NAME.fullmatch(values["name"]):
+        raise _Invalid("name is not a valid adapter name")
+    values["lora"] = LoraSettings(**_checked(values["lora"], LoraSettings, _LORA_KINDS, "lora."))
+    return AdapterRecord(**values)
+
+
+def _required(cls: type) -> set[str]:
+    return {f.name for f in fields(cls) if f.default is f.default_factory is MISSING}
+
+
+def _is(value: Any, kind: str) -> bool:
+    if kind == _TEXT:
+        return isinstance(value, str)
+    if kind == _INTEGER:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == _NUMBER:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind == _FLAG:
+        return isinstance(value, bool)
+    return isinstance(value, dict)
+
+
+def _checked(
+    row: Any, cls: type, kinds: dict[str, tuple[str, bool]], prefix: str
+) -> dict[str, Any]:
+    """`row`'s fields for `cls`, each of its kind; `_Invalid` names the first that is not."""
+    if not isinstance(row, dict):
+        raise _Invalid(f"{prefix.rstrip('.') or 'the record'} is not an object")
+    unknown = sorted(prefix + str(k)[:40] for k in row if k not in kinds)
+    if unknown:
+        raise _Invalid(f"unknown field {unknown[0]!r}")
+    missing = sorted(_required(cls) - set(row))
+    if missing:
+        raise _Invalid(f"{prefix}{missing[0]} is missing")
+    for name, value in row.items():
+        kind, nullable = kinds[name]
+        if value is None and nullable:
+            continue
+        if not _is(value, kind):
+            raise _Invalid(f"{prefix}{name} is not {kind}")
+        if kind == _NUMBER and not math.isfinite(value):
+            raise _Invalid(f"{prefix}{name} is not a finite number")
+        if kind == _OBJECT and _too_deep(value):
+            raise _Invalid(f"{prefix}{name} nests deeper than {MAX_NESTING} levels")
+    return dict(row)
+
+
+def _too_deep(value: Any) -> bool:
+    """Whether `value` nests deeper than MAX_NESTING (checked without recursion)."""
+    pending: list[tuple[Any, int]] = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict | list):
+            if depth > MAX_NESTING:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            pending.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _parse_registry(raw: bytes) -> list[AdapterRecord]:
+    """The records of a registry file's bytes; `_Invalid` (what and where, no values) for a
+    file that is not one: not UTF-8, not JSON, nested too deep, a wrong field or type."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Invalid("it is not UTF-8") from None
+    try:
+        document = json.loads(text)
+    except RecursionError:
+        raise _Invalid("it nests too deeply") from None
+    except ValueError as exc:
+        line = getattr(exc, "lineno", None)
+        raise _Invalid("it is not JSON" + (f" (line {line})" if line else "")) from None
+    if not isinstance(document, dict) or not isinstance(document.get("adapters"), list):
+        raise _Invalid("it has no list of adapters")
+    if document.get("format", FORMAT) != FORMAT:
+        raise _Invalid(f"its format is not {FORMAT}")
+    records = []
+    for index, row in enumerate(document["adapters"]):
+        try:
+            records.append(_record(row))
+        except _Invalid as exc:
+            raise _Invalid(f"adapters[{index}]: {exc}") from None
+    return records
 
 
 class AdapterRegistry:
@@ -109,6 +259,7 @@ class AdapterRegistry:
     # ----- reading --------------------------------------------------------------------
 
     def records(self) -> list[AdapterRecord]:
+        """Every record; a ConfigurationError naming the file when it is damaged."""
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
@@ -118,11 +269,10 @@ class AdapterRegistry:
                 f"cannot read the adapter registry {self.path}: {exc.strerror}"
             ) from None
         try:
-            document = json.loads(raw)
-            return [AdapterRecord.from_dict(row) for row in document["adapters"]]
-        except (ValueError, KeyError, TypeError) as exc:
+            return _parse_registry(raw)
+        except _Invalid as exc:
             raise ConfigurationError(
-                f"the adapter registry {self.path} is not valid ({type(exc).__name__})",
+                f"the adapter registry {self.path} is not valid: {exc}",
                 hint="restore it, or move it away and register the adapters again",
             ) from None
 
@@ -189,11 +339,54 @@ class AdapterRegistry:
 
     def _locked(self) -> contextlib.AbstractContextManager[None]:
         """One writer at a time (two trainings finishing together must not lose one)."""
+        private_folder(self.folder)
         return exclusive(
             self.folder / (REGISTRY_FILE + ".lock"),
             what=f"the adapter registry in {self.folder}",
             hint="set COHEARA_ADAPTERS_DIR to a writable place",
         )
+
+
+# ----- private folders: adapters may have memorized their training drafts ----------------
+
+
+def private_folder(path: Path) -> Path:
+    """`path` as a folder, it and any parent it lacked created 0700 (an existing folder
+    keeps its mode); ConfigurationError when it cannot be made."""
+    path = Path(path).expanduser()
+    missing: list[Path] = []
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    try:
+        for folder in reversed(missing):
+            with contextlib.suppress(FileExistsError):
+                folder.mkdir(mode=0o700)
+                folder.chmod(0o700)  # whatever the umask
+        if not path.is_dir():
+            raise NotADirectoryError(20, "not a folder")
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot make the folder {path}: {exc.strerror}",
+            hint="give a writable place (COHEARA_ADAPTERS_DIR, --out)",
+        ) from None
+    return path
+
+
+def make_private(folder: Path) -> None:
+    """`folder` and every folder in it 0700, every file in it 0600 (links left alone)."""
+    folder = Path(folder)
+    os.chmod(folder, 0o700)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o700)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o600)
 
 
 # ----- the base model's fingerprint ------------------------------------------------------
