@@ -79,6 +79,17 @@ async def settle(admission: Admission, in_flight: int, waiting: int) -> None:
             await asyncio.sleep(0.005)
 
 
+async def occupy(
+    url: str, admission: Admission, backend: StandIn, in_flight: int, waiting: int = 0
+) -> list[asyncio.Task[Any]]:
+    """Fill every slot (and `waiting` places in the queue) with held requests; the
+    backend has them all in hand before this returns."""
+    running = await fill(url, in_flight + waiting)
+    await settle(admission, in_flight=in_flight, waiting=waiting)
+    await backend.wait_for_active(in_flight)
+    return running
+
+
 # ----- the cap and the queue --------------------------------------------------------------
 
 
@@ -87,9 +98,7 @@ def test_slots_are_concurrency_times_endpoints_and_the_queue_is_bounded() -> Non
 
     async def scenario(url: str, admission: Admission) -> None:
         assert admission.slots == 4  # max_concurrency 2 x 2 endpoints
-        running = await fill(url, 7)
-        await settle(admission, in_flight=4, waiting=3)
-        await backend.wait_for_active(4)
+        running = await occupy(url, admission, backend, 4, waiting=3)
         await asyncio.sleep(0.05)
         assert backend.active == 4  # the 3 waiting have not reached the backend
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
@@ -122,9 +131,7 @@ def test_every_surface_refuses_with_429_and_retry_after(
     backend = StandIn(gated=True)
 
     async def scenario(url: str, admission: Admission) -> None:
-        running = await fill(url, 1)
-        await settle(admission, in_flight=1, waiting=0)
-        await backend.wait_for_active(1)
+        running = await occupy(url, admission, backend, 1)
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
             refused = await client.post(path, json=body)
         backend.release()
@@ -142,9 +149,7 @@ def test_the_official_clients_see_429_and_ollamas_own_503() -> None:
     backend = StandIn(gated=True)
 
     async def scenario(url: str, admission: Admission) -> None:
-        running = await fill(url, 1)
-        await settle(admission, in_flight=1, waiting=0)
-        await backend.wait_for_active(1)
+        running = await occupy(url, admission, backend, 1)
         chat = ollama.AsyncClient(host=url)
         with pytest.raises(ollama.ResponseError) as ollama_error:
             await chat.chat(model="medgemma", messages=[{"role": "user", "content": "ping"}])
@@ -173,9 +178,7 @@ def test_a_wait_past_the_queue_timeout_is_refused_and_leaves_the_line() -> None:
     backend = StandIn(gated=True)
 
     async def scenario(url: str, admission: Admission) -> None:
-        running = await fill(url, 1)
-        await settle(admission, in_flight=1, waiting=0)
-        await backend.wait_for_active(1)
+        running = await occupy(url, admission, backend, 1)
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
             late = await client.post("/v1/generate", json=GENERATE)
         assert late.status_code == 429
@@ -195,9 +198,7 @@ def test_a_refusal_is_audited_as_server_busy_with_its_request_id(tmp_path: Path)
     log = AuditLog.open(tmp_path / "a.sqlite3")
 
     async def scenario(url: str, admission: Admission) -> None:
-        running = await fill(url, 1)
-        await settle(admission, in_flight=1, waiting=0)
-        await backend.wait_for_active(1)
+        running = await occupy(url, admission, backend, 1)
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
             refused = await client.post(
                 "/api/chat", json=OLLAMA_CHAT, headers={"X-Request-ID": "busy-1"}

@@ -28,10 +28,10 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from audit_support import write_old_trail
+from audit_support import verdict, write_old_trail
 from cli_support import run_coheara
 from coheara import Engine, Settings
-from coheara.audit import AuditKey, AuditLog, AuditRecord, AuditStore, verify
+from coheara.audit import AuditKey, AuditLog, AuditRecord, AuditStore
 from coheara.audit.chain import GENESIS, link
 from coheara.audit.export import audit_event, bundle
 from coheara.audit.record import iso_time
@@ -501,17 +501,6 @@ def tampered(sealed: tuple[Path, Path], tmp_path: Path, *statements: str) -> Pat
         for statement in statements:
             connection.execute(statement)
     return copy
-
-
-def verdict(path: Path) -> tuple[int | None, str]:
-    key = AuditKey.load(path.with_suffix(".key"), create=False)
-    store = AuditStore(path, readonly=True)
-    try:
-        with store.snapshot() as (records, head):
-            result = verify(records, head, key)
-    finally:
-        store.close()
-    return result.broken_at, result.reason
 
 
 COLUMNS_BUT_SEQ = [c for c in AuditRecord.__dataclass_fields__ if c != "seq"]

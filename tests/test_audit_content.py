@@ -28,10 +28,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from audit_support import write_old_trail
+from audit_support import verdict, write_old_trail
 from cli_support import run_coheara
 from coheara import Engine, Settings
-from coheara.audit import AuditKey, AuditLog, AuditRecord, AuditStore, ContentKey, verify
+from coheara.audit import AuditKey, AuditLog, AuditRecord, AuditStore, ContentKey
 from coheara.audit.content import document
 from coheara.audit.export import audit_event
 from coheara.audit.record import endpoint_name, iso_time
@@ -112,17 +112,6 @@ def synthetic(number: int, started_at: float, text: str = "") -> CallRecord:
         schema=None,
         result=result,
     )
-
-
-def verdict(path: Path, key_file: Path) -> tuple[int | None, str]:
-    key = AuditKey.load(key_file, create=False)
-    store = AuditStore(path, readonly=True)
-    try:
-        with store.snapshot() as (records, head):
-            result = verify(records, head, key)
-    finally:
-        store.close()
-    return result.broken_at, result.reason
 
 
 def content_rows(path: Path) -> dict[int, tuple[str, bytes, bytes]]:

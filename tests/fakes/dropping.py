@@ -81,15 +81,8 @@ class DroppingServer(RawServer):
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            lines = head.decode("latin-1").split("\r\n")
-            self.paths.append(lines[0].split(" ")[1])
-            length = 0
-            for line in lines[1:]:
-                name, _, value = line.partition(":")
-                if name.strip().lower() == "content-length":
-                    length = int(value.strip())
-            raw = await reader.readexactly(length) if length else b""
+            _, path, raw = await self.read_request(reader)
+            self.paths.append(path)
             try:
                 self.bodies.append(json.loads(raw) if raw else None)
             except ValueError:

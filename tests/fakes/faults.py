@@ -97,15 +97,7 @@ class FaultyOllama(RawServer):
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            lines = head.decode("latin-1").split("\r\n")
-            method, path = lines[0].split(" ")[:2]
-            length = 0
-            for line in lines[1:]:
-                name, _, value = line.partition(":")
-                if name.strip().lower() == "content-length":
-                    length = int(value.strip())
-            raw = await reader.readexactly(length) if length else b""
+            method, path, raw = await self.read_request(reader)
             self.paths.append(path)
             if path == "/api/chat" and method == "POST":
                 await self._chat(json.loads(raw or b"null"), reader, writer)

@@ -22,6 +22,19 @@ class RawServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         raise NotImplementedError
 
+    @staticmethod
+    async def read_request(reader: asyncio.StreamReader) -> tuple[str, str, bytes]:
+        """One HTTP/1.1 request: method, path and body (by its Content-Length)."""
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        method, path = lines[0].split(" ")[:2]
+        length = 0
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-length":
+                length = int(value.strip())
+        return method, path, await reader.readexactly(length) if length else b""
+
     def _run(self) -> None:
         loop = asyncio.new_event_loop()
         self._loop = loop

@@ -19,6 +19,7 @@ or deploys anything. The estimates are upper bounds where runtimes differ:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
@@ -293,24 +294,23 @@ def plan(request: PlanInput) -> Plan:
 
 def largest_context(request: PlanInput, memory_bytes: int) -> int | None:
     """The longest window (per sequence, at the request's parallelism) that fits, or None."""
-    low, high = 1, mf.CONTEXT_LENGTH
-    if plan(replace(request, context=low)).total > memory_bytes:
-        return None
-    while low < high:
-        middle = (low + high + 1) // 2
-        if plan(replace(request, context=middle)).total <= memory_bytes:
-            low = middle
-        else:
-            high = middle - 1
-    return low
+    longest = _largest(
+        lambda n: plan(replace(request, context=n)).total <= memory_bytes, 0, mf.CONTEXT_LENGTH
+    )
+    return longest or None
 
 
 def largest_parallel(request: PlanInput, memory_bytes: int, ceiling: int = 1024) -> int:
     """The most sequences of the request's window that fit (0 if not even one)."""
-    low, high = 0, ceiling
+    return _largest(lambda n: plan(replace(request, parallel=n)).total <= memory_bytes, 0, ceiling)
+
+
+def _largest(fits: Callable[[int], bool], low: int, high: int) -> int:
+    """The largest n in (low, high] that fits, else `low`; memory grows with n, so a
+    binary search (n = low itself is never tried)."""
     while low < high:
         middle = (low + high + 1) // 2
-        if plan(replace(request, parallel=middle)).total <= memory_bytes:
+        if fits(middle):
             low = middle
         else:
             high = middle - 1
